@@ -1,0 +1,1 @@
+"""Evaluation harness: downstream accuracy against forgetting, with lm-eval."""

@@ -1,0 +1,164 @@
+"""Checkpoint I/O: lazy, memory-bounded reading of safetensors checkpoints.
+
+Like mergekit's ``LazyTensorLoader``, a reader keeps at most one shard open and loads one
+tensor at a time, so a model is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _weight_map_from_index(index: Path) -> dict[str, Path]:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (expected JSON with a 'weight_map').") from e
+    return {name: index.parent / fname for name, fname in weight_map.items()}
+
+
+def _safetensors_files(folder: Path, prefix: str) -> list[Path]:
+    return sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p.is_file())
+
+
+def _pickle_files(folder: Path, prefix: str, allow_pickle: bool) -> list[Path]:
+    pickles = sorted(p for p in folder.glob(f"{prefix}*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if not pickles:
+        raise CheckpointError(f"{folder}: no *.safetensors checkpoint found.")
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{folder}: holds only pickle checkpoints ({', '.join(p.name for p in pickles[:3])}); loading "
+            "pickle can run arbitrary code, so it is refused unless you pass --allow-pickle."
+        )
+    logger.warning("%s: loading pickle checkpoints because --allow-pickle was given", folder)
+    return pickles
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:  # weights_only refuses arbitrary objects; mmap keeps memory bounded
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}).") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict of tensors.")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+class CheckpointReader:
+    """Reads tensors by name from a safetensors file, a folder, or a sharded folder with an index.
+
+    ``prefix`` selects the file family inside a folder (``"model"`` for full checkpoints,
+    ``"adapter_model"`` for PEFT adapters); an empty prefix takes every ``*.safetensors``.
+    """
+
+    def __init__(self, path: Path | str, prefix: str = "", allow_pickle: bool = False):
+        self.path = Path(path)
+        self._open_path: Path | None = None
+        self._handle = None
+        self._files: dict[str, Path] = self._discover(prefix, allow_pickle)
+
+    def _discover(self, prefix: str, allow_pickle: bool) -> dict[str, Path]:
+        if self.path.is_file():
+            files = [self.path]
+        else:
+            indexes = sorted(self.path.glob(f"{prefix}*.safetensors.index.json"))
+            if indexes:
+                return _weight_map_from_index(indexes[0])
+            files = _safetensors_files(self.path, prefix) or _pickle_files(self.path, prefix, allow_pickle)
+        mapping: dict[str, Path] = {}
+        for f in files:
+            for name in self._open(f).keys():
+                if name in mapping:
+                    raise CheckpointError(f"{f}: tensor {name!r} also appears in {mapping[name]}.")
+                mapping[name] = f
+        return mapping
+
+    def _open(self, path: Path):
+        if self._open_path != path:
+            self._handle = None  # release the previous shard before mapping the next
+            try:
+                if path.suffix in PICKLE_SUFFIXES:
+                    self._handle = _PickleHandle(_load_pickle(path))
+                else:
+                    self._handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}).") from e
+            self._open_path = path
+        return self._handle
+
+    @property
+    def files(self) -> list[Path]:
+        """The distinct files behind this checkpoint, in a stable order."""
+        return sorted(set(self._files.values()))
+
+    def names(self) -> list[str]:
+        """Tensor names, grouped by shard so iteration opens each shard once."""
+        return sorted(self._files, key=lambda n: (str(self._files[n]), n))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor."""
+        path = self._files.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.path}: has no tensor named {name!r}.")
+        try:
+            return self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e}).") from e
+
+    def metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of the first file."""
+        return dict(self._open(self.files[0]).metadata() or {})
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+
+class _PickleHandle:
+    """The subset of safetensors' ``safe_open`` API over an already-loaded state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def keys(self) -> list[str]:
+        return list(self._state)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def get_slice(self, name: str) -> SimpleNamespace:
+        shape = list(self._state[name].shape)
+        return SimpleNamespace(get_shape=lambda: shape)
+
+    def metadata(self) -> dict[str, str]:
+        return {}

@@ -1,0 +1,73 @@
+"""Linear algebra for intruder analysis: SVD with fixed signs, cosine maxima, effective rank.
+
+Every routine computes in float32 (or float64 when given float64), whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class SVD:
+    """Thin SVD ``W = U diag(S) Vh`` with deterministic signs."""
+
+    U: torch.Tensor  # (m, p), p = min(m, n)
+    S: torch.Tensor  # (p,)
+    Vh: torch.Tensor  # (p, n)
+
+
+def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the entry of largest magnitude in ``u_i`` is positive.
+
+    Ties between entries of equal magnitude go to the lowest index (``argmax`` rule).
+    """
+    idx = U.abs().argmax(dim=0)  # (p,)
+    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
+    signs[signs == 0] = 1
+    return U * signs, Vh * signs[:, None]
+
+
+def svd(W: torch.Tensor) -> SVD:
+    """Thin SVD of a 2-D matrix in float32 (float64 stays float64), with fixed signs."""
+    if W.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
+    U, S, Vh = torch.linalg.svd(W.to(_compute_dtype(W)), full_matrices=False)
+    U, Vh = fix_signs(U, Vh)
+    return SVD(U, S, Vh)
+
+
+def max_abs_cos(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """For each column of ``vectors`` (d, k), the largest |cos| with any column of ``basis`` (d, p).
+
+    Both sets are orthonormal singular vectors, so the cosine is the dot product.
+    """
+    return (vectors.T @ basis).abs().amax(dim=1)  # (k,)
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Effective rank of Roy & Vetterli (2007): ``exp(H(p))`` with ``p = s / sum(s)``.
+
+    Returns 0.0 for an all-zero spectrum (no update at all).
+    """
+    s = singular_values.to(torch.float64).clamp_min(0)
+    total = s.sum()
+    if total <= 0:
+        return 0.0
+    p = s / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lowrank_singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Singular values of ``B @ A`` for B (m, r) and A (r, n) without forming the (m, n) product."""
+    dtype = _compute_dtype(B)
+    _, R_b = torch.linalg.qr(B.to(dtype))  # (r, r)
+    _, R_a = torch.linalg.qr(A.to(dtype).T)  # (r, r)
+    return torch.linalg.svdvals(R_b @ R_a.T)  # (r,)

@@ -1,0 +1,135 @@
+"""Pair each base weight matrix with its fine-tuned counterpart, one matrix at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import LoraAdapter, LoraModule
+from .archs import EXCLUDED_MATRICES, transposed_pattern
+from .checkpoint import CheckpointReader
+from .errors import CheckpointError, RepairError
+from .sources import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MatrixPair:
+    """A base matrix and its tuned version, both in (out, in) orientation."""
+
+    name: str  # base tensor name
+    shape: tuple[int, ...]  # stored shape in the base checkpoint
+    transposed: bool  # stored as (in, out), e.g. GPT-2 Conv1D
+    base: torch.Tensor  # (out, in), source dtype
+    tuned: torch.Tensor  # (out, in)
+    factors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # delta = B @ A
+
+
+def model_type(folder: Path) -> str | None:
+    """``model_type`` from a checkpoint folder's config.json, if there is one."""
+    cfg = folder / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e}).") from e
+
+
+def match_base_name(module: str, base_names: set[str]) -> str | None:
+    """The base tensor for an adapter module, tolerating a differing leading prefix."""
+    target = f"{module}.weight"
+    if target in base_names:
+        return target
+    parts = target.split(".")
+    for i in range(1, len(parts) - 1):
+        if (cand := ".".join(parts[i:])) in base_names:
+            return cand
+    hits = [n for n in base_names if n.endswith("." + target)]
+    return hits[0] if len(hits) == 1 else None
+
+
+class PairSource:
+    """Yields ``MatrixPair`` for a base checkpoint and a tuned checkpoint or LoRA adapter."""
+
+    def __init__(self, base: ModelSource, tuned: ModelSource, modules: str | None = None,
+                 allow_pickle: bool = False):
+        self.base_source, self.tuned_source = base, tuned
+        if base.is_adapter:
+            raise CheckpointError(f"{base.path}: BASE is a LoRA adapter; expected a full model checkpoint.")
+        self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
+        self.adapter = LoraAdapter(tuned.path, allow_pickle) if tuned.is_adapter else None
+        self.tuned = None if self.adapter else CheckpointReader(tuned.path, "model", allow_pickle)
+        self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
+        self.modules = _compile(modules)
+        self.names = self._select()
+        if not self.names:
+            what = f"--modules {modules!r}" if modules else "the default selection"
+            raise RepairError(f"{what}: matched no weight matrix to compare in {tuned.path}.")
+
+    def _wanted(self, name: str) -> bool:
+        if self.modules is not None:
+            return bool(self.modules.search(name))
+        return not EXCLUDED_MATRICES.search(name)
+
+    def _select(self) -> list[str]:
+        if self.adapter is not None:
+            base_names = set(self.base.names())
+            self._lora: dict[str, LoraModule] = {}
+            for lm in self.adapter.modules.values():
+                name = match_base_name(lm.module, base_names)
+                if name is None:
+                    raise CheckpointError(
+                        f"{self.tuned_source.path}: adapter module {lm.module} has no weight in base "
+                        f"{self.base_source.path}; was it trained for another base model?"
+                    )
+                self._lora[name] = lm
+            order = {n: i for i, n in enumerate(self.base.names())}
+            return sorted((n for n in self._lora if self._wanted(n)), key=order.__getitem__)
+        return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
+                and self._wanted(n)]
+
+    def _is_transposed(self, name: str) -> bool:
+        if self.transposed is not None:
+            return bool(self.transposed.search(name))
+        return bool(self.adapter is not None and self.adapter.fan_in_fan_out)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[MatrixPair]:
+        for name in self.names:
+            yield self.pair(name)
+
+    def pair(self, name: str) -> MatrixPair:
+        stored = self.base.get(name)
+        transposed = self._is_transposed(name)
+        W0 = stored.T if transposed else stored  # (out, in)
+        if self.adapter is not None:
+            lm = self._lora[name]
+            tuned = self.adapter.tuned_weight(lm, W0)
+            factors = None if lm.is_dora else self.adapter.factors(lm)
+            return MatrixPair(name, tuple(stored.shape), transposed, W0, tuned, factors)
+        if name not in self.tuned:
+            raise CheckpointError(f"{self.tuned_source.path}: has no tensor {name!r}, which the base has.")
+        t = self.tuned.get(name)
+        if t.shape != stored.shape:
+            raise CheckpointError(
+                f"{self.tuned_source.path}: tensor {name!r} has shape {tuple(t.shape)}, but the base has "
+                f"{tuple(stored.shape)}; was it fine-tuned from another base model?"
+            )
+        return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
+
+
+def _compile(modules: str | None) -> re.Pattern[str] | None:
+    if modules is None:
+        return None
+    try:
+        return re.compile(modules)
+    except re.error as e:
+        raise RepairError(f"--modules: {modules!r} is not a valid regular expression ({e}).") from e

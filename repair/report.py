@@ -1,0 +1,119 @@
+"""Typed, versioned detection reports: JSON serialisation and the human-readable table."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+SCHEMA_VERSION = "1.0"
+Side = Literal["left", "right", "both"]
+
+
+class MatrixReport(BaseModel):
+    """Intruder analysis of one weight matrix."""
+
+    name: str = Field(description="base tensor name, e.g. model.layers.0.self_attn.q_proj.weight")
+    module_type: str
+    shape: list[int] = Field(description="stored shape of the base tensor")
+    transposed: bool = Field(False, description="stored as (in, out) and analysed as (out, in)")
+    intruders: list[int] = Field(description="indices among the top k tuned singular vectors (0 = largest)")
+    max_cos: list[float] = Field(description="per top-k tuned vector, the largest |cos| with any base vector")
+    max_cos_left: list[float] | None = None
+    max_cos_right: list[float] | None = None
+    sigma: list[float] = Field(description="top-k singular values of W_tuned")
+    effective_rank_delta: float = Field(description="Roy & Vetterli effective rank of W_tuned - W0")
+    delta_norm: float = Field(description="Frobenius norm of W_tuned - W0")
+
+
+class ModuleTypeSummary(BaseModel):
+    matrices: int = 0
+    matrices_with_intruders: int = 0
+    intruders: int = 0
+    mean_effective_rank_delta: float = 0.0
+
+
+class DetectionReport(BaseModel):
+    """Model-wide intruder report (schema ``SCHEMA_VERSION``)."""
+
+    schema_version: str = SCHEMA_VERSION
+    tool_version: str
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    base: str
+    tuned: str
+    top_k: int
+    epsilon: float
+    side: Side
+    modules: str | None = None
+    total_intruders: int = 0
+    by_module_type: dict[str, ModuleTypeSummary] = {}
+    matrices: list[MatrixReport] = []
+
+    @classmethod
+    def build(cls, matrices: list[MatrixReport], **fields) -> DetectionReport:
+        """A report with the totals and per-module-type summaries computed from ``matrices``."""
+        summary: dict[str, ModuleTypeSummary] = {}
+        for m in matrices:
+            s = summary.setdefault(m.module_type, ModuleTypeSummary())
+            s.matrices += 1
+            s.intruders += len(m.intruders)
+            s.matrices_with_intruders += bool(m.intruders)
+            s.mean_effective_rank_delta += m.effective_rank_delta
+        for s in summary.values():
+            s.mean_effective_rank_delta /= s.matrices
+        total = sum(len(m.intruders) for m in matrices)
+        return cls(matrices=matrices, by_module_type=summary, total_intruders=total, **fields)
+
+    def write_json(self, path: Path) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        write_text_atomic(Path(path), self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read_json(cls, path: Path) -> DetectionReport:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def worst(self, n: int) -> list[MatrixReport]:
+        """Matrices with the most intruders, then the lowest similarity among their top k."""
+        return sorted(self.matrices, key=lambda m: (-len(m.intruders), min(m.max_cos, default=1.0)))[:n]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_table(report: DetectionReport, worst: int = 10) -> str:
+    """Per-module-type totals and the worst matrices, as aligned plain text."""
+    lines = [
+        f"Intruder dimensions: top-k={report.top_k}, epsilon={report.epsilon}, side={report.side}",
+        f"  base:  {report.base}",
+        f"  tuned: {report.tuned}",
+        "",
+        f"{'module type':<16}{'matrices':>9}{'with intr.':>11}{'intruders':>10}{'eff. rank ΔW':>14}",
+    ]
+    for name, s in sorted(report.by_module_type.items()):
+        lines.append(f"{name:<16}{s.matrices:>9}{s.matrices_with_intruders:>11}{s.intruders:>10}"
+                     f"{s.mean_effective_rank_delta:>14.2f}")
+    n = sum(s.matrices for s in report.by_module_type.values())
+    lines.append(f"{'total':<16}{n:>9}{sum(bool(m.intruders) for m in report.matrices):>11}"
+                 f"{report.total_intruders:>10}")
+    flagged = [m for m in report.worst(worst) if m.intruders]
+    if flagged:
+        lines += ["", f"Worst matrices (up to {worst}):",
+                  f"{'matrix':<52}{'intruders (rank: σ, max|cos|)'}"]
+        for m in flagged:
+            detail = ", ".join(f"{i}: {m.sigma[i]:.3g}, {m.max_cos[i]:.2f}" for i in m.intruders)
+            lines.append(f"{m.name:<52}{detail}")
+    return "\n".join(lines)

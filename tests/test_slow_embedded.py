@@ -1,0 +1,53 @@
+"""On the real embedded default model (SmolLM2-135M-Instruct); fetched once and cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from repair.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from repair.sources import ensure_embedded
+
+    return ensure_embedded("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_adapter(smollm2, tmp_path_factory):
+    """A rank-2 adapter on q_proj/v_proj whose layer-0..4 updates are strong enough to intrude."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                                  target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                p.mul_(3.0 if layer < 5 else 1e-3)
+    out = tmp_path_factory.mktemp("smol") / "adapter"
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_detect_on_embedded_default(smollm2_adapter, tmp_path):
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(main, ["detect", "smollm2-135m", str(smollm2_adapter), "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert len(report["matrices"]) == 60  # 30 layers x (q_proj, v_proj)
+    shapes = {m["module_type"]: m["shape"] for m in report["matrices"]}
+    assert shapes == {"q_proj": [576, 576], "v_proj": [192, 576]}
+    with_intruders = {int(m["name"].split(".")[2]) for m in report["matrices"] if m["intruders"]}
+    assert with_intruders == set(range(5))
+    assert all(m["effective_rank_delta"] <= 2.0 + 1e-6 for m in report["matrices"])
