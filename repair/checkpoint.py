@@ -46,7 +46,7 @@ def _safetensors_files(folder: Path, prefix: str) -> list[Path]:
 
 
 def _pickle_files(folder: Path, prefix: str, allow_pickle: bool) -> list[Path]:
-    pickles = sorted(p for p in folder.glob(f"{prefix}*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    pickles = sorted(p for p in folder.glob(f"*{prefix}*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
     if not pickles:
         raise CheckpointError(f"{folder}: no *.safetensors checkpoint found.")
     if not allow_pickle:
