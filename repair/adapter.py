@@ -89,16 +89,16 @@ class LoraAdapter:
 
     def _parse_modules(self) -> dict[str, LoraModule]:
         parts: dict[str, dict[str, str]] = {}
+        self.replaced: dict[str, str] = {}  # modules_to_save: model tensor name -> adapter key
         for name in self.reader.names():
             m = _LORA_KEY.match(name)
             if m is None:
-                logger.warning("%s: tensor %s is not a LoRA weight (e.g. modules_to_save); it is not analysed",
+                self.replaced[name.removeprefix("base_model.model.")] = name
+            elif name.endswith(".bias"):
+                logger.warning("%s: LoRA bias %s changes a bias, not a weight matrix; it is kept as is",
                                self.path, name)
-                continue
-            if name.endswith(".bias"):
-                logger.warning("%s: LoRA bias %s changes a bias, not a weight matrix; not analysed", self.path, name)
-                continue
-            parts.setdefault(m["module"], {})[m["part"]] = name
+            else:
+                parts.setdefault(m["module"], {})[m["part"]] = name
         return {mod: self._module(mod, keys) for mod, keys in sorted(parts.items())}
 
     def _module(self, module: str, keys: dict[str, str]) -> LoraModule:
@@ -117,24 +117,56 @@ class LoraAdapter:
             raise CheckpointError(f"{self.path}: DoRA on embedding module {module} is not supported.")
         return lm
 
-    def factors(self, lm: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B_scaled, A)`` with ``delta = B_scaled @ A`` in (out, in) orientation, float32."""
-        A = self.reader.get(lm.keys.get("lora_A") or lm.keys["lora_embedding_A"]).float()  # (r, in)
-        B = self.reader.get(lm.keys.get("lora_B") or lm.keys["lora_embedding_B"]).float()  # (out, r)
+    def raw_factors(self, lm: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled ``(B, A)``, B (out, r) and A (r, in) in (out, in) orientation, float32."""
+        A = self.reader.get(lm.keys.get("lora_A") or lm.keys["lora_embedding_A"]).float()
+        B = self.reader.get(lm.keys.get("lora_B") or lm.keys["lora_embedding_B"]).float()
         if lm.is_embedding:  # peft stores A (r, num_embeddings), B (dim, r); delta = (B @ A).T
             A, B = B.T, A.T
+        return B, A
+
+    def factors(self, lm: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B * scaling, A)``: ``delta = B_scaled @ A`` in (out, in) orientation, float32."""
+        B, A = self.raw_factors(lm)
         return B * lm.scaling, A
+
+    def delta(self, lm: LoraModule) -> torch.Tensor:
+        """``(B @ A) * scaling`` in (out, in) orientation and float32, in peft's order of operations."""
+        B, A = self.raw_factors(lm)
+        return (B @ A) * lm.scaling
 
     def tuned_weight(self, lm: LoraModule, W0: torch.Tensor) -> torch.Tensor:
         """W_tuned in (out, in) orientation from the base weight W0 (out, in), float32."""
-        B, A = self.factors(lm)
-        if B.shape[0] != W0.shape[0] or A.shape[1] != W0.shape[1]:
+        delta = self.delta(lm)
+        if delta.shape != W0.shape:
             raise CheckpointError(
-                f"{self.path}: the LoRA factors of {lm.module} imply a ({B.shape[0]}, {A.shape[1]}) update, "
+                f"{self.path}: the LoRA factors of {lm.module} imply a {tuple(delta.shape)} update, "
                 f"but the base weight is {tuple(W0.shape)}; was the adapter trained for another base?"
             )
-        W = W0.float() + B @ A  # (out, in)
+        W = W0.float() + delta  # (out, in)
         if lm.is_dora:
-            magnitude = self.reader.get(lm.keys["lora_magnitude_vector"]).float().reshape(-1)  # (out,)
-            W = (magnitude / torch.linalg.norm(W, dim=1))[:, None] * W
+            W = (self.magnitude(lm) / torch.linalg.norm(W, dim=1))[:, None] * W
         return W
+
+    def magnitude(self, lm: LoraModule) -> torch.Tensor:
+        """DoRA's magnitude vector, float32 (out,)."""
+        return self.reader.get(lm.keys["lora_magnitude_vector"]).float().reshape(-1)
+
+    def merged_weight(self, lm: LoraModule, stored: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """The merged tensor in the base's stored layout and dtype, as ``merge_and_unload()`` computes it.
+
+        Plain LoRA is bit-exact with peft: ``W0 + (B @ A * scaling).to(dtype)``.
+        """
+        if lm.is_dora:
+            W = self.tuned_weight(lm, stored.T if transposed else stored)
+            return (W.T if transposed else W).to(stored.dtype).contiguous()
+        delta = self.delta(lm)
+        return stored + (delta.T if transposed else delta).to(stored.dtype)
+
+    def stored_factors(self, lm: LoraModule, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Adapter tensors for unscaled factors B (out, r') and A (r', in), in the adapter's dtype."""
+        dtype = self.reader.get(lm.keys.get("lora_A") or lm.keys["lora_embedding_A"]).dtype
+        if lm.is_embedding:
+            return {lm.keys["lora_embedding_A"]: B.T.to(dtype).contiguous(),
+                    lm.keys["lora_embedding_B"]: A.T.to(dtype).contiguous()}
+        return {lm.keys["lora_A"]: A.to(dtype), lm.keys["lora_B"]: B.to(dtype)}

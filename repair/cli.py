@@ -48,20 +48,31 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _detect_options(f):
+    """The detector's options, shared by the commands that detect before they act."""
+    for opt in reversed([
+        click.option("--top-k", default=10, show_default=True, type=int, help="Tuned singular vectors to examine."),
+        click.option("--epsilon", default=0.5, show_default=True, type=float, help="Cosine threshold in (0, 1]."),
+        click.option("--side", default="left", show_default=True, type=click.Choice(["left", "right", "both"]),
+                     help="Compare left, right, or both singular vectors."),
+        click.option("--modules", default=None, help="Regex on base tensor names (default: all but embeddings/heads)."),
+        click.option("--allow-pickle", is_flag=True, help="Also read *.bin/*.pt checkpoints (pickle can run code)."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.argument("base")
 @click.argument("tuned")
-@click.option("--top-k", default=10, show_default=True, type=int, help="Tuned singular vectors to examine.")
-@click.option("--epsilon", default=0.5, show_default=True, type=float, help="Cosine threshold in (0, 1].")
-@click.option("--side", default="left", show_default=True, type=click.Choice(["left", "right", "both"]),
-              help="Compare left, right, or both singular vectors.")
-@click.option("--modules", default=None, help="Regex on base tensor names (default: all but embeddings/heads).")
+@_detect_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report.")
 @click.option("--fail-above", type=int, default=None, help="Exit 1 when total intruders exceed N.")
 @click.option("--worst", default=10, show_default=True, type=int, help="Matrices listed in the table.")
-@click.option("--allow-pickle", is_flag=True, help="Also read *.bin/*.pt checkpoints (pickle can run code).")
+@click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write an editable patch plan for `repair patch --plan`.")
 @_handle_errors
-def detect(base, tuned, top_k, epsilon, side, modules, json_path, fail_above, worst, allow_pickle):
+def detect(base, tuned, top_k, epsilon, side, modules, allow_pickle, json_path, fail_above, worst, plan_out):
     """Find intruder dimensions of TUNED (a LoRA adapter or a full checkpoint) against BASE.
 
     BASE and TUNED are local folders, hub ids, or an embedded model name (smollm2-135m).
@@ -76,9 +87,54 @@ def detect(base, tuned, top_k, epsilon, side, modules, json_path, fail_above, wo
     if json_path is not None:
         report.write_json(json_path)
         click.echo(f"\nReport written to {json_path}")
+    if plan_out is not None:
+        from .plan import Plan
+
+        Plan.from_report(report).write(plan_out)
+        click.echo(f"Plan written to {plan_out}")
     if fail_above is not None and report.total_intruders > fail_above:
         click.echo(f"{report.total_intruders} intruders exceed --fail-above {fail_above}.", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--scale", type=float, default=None, help="λ: 0 removes intruders, 1 leaves them, 0.5 halves their σ.")
+@_detect_options
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--format", "fmt", default="merged", show_default=True, type=click.Choice(["merged", "adapter"]),
+              help="A full checkpoint, or a PEFT LoRA adapter of rank r + |intruders| that reproduces W' exactly.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard budget, e.g. 500MB or 5GB.")
+@click.option("--plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Apply a plan from `repair detect --plan-out` instead of detecting.")
+@click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_handle_errors
+def patch(base, tuned, scale, top_k, epsilon, side, modules, allow_pickle, out, fmt, max_shard_size, plan,
+          allow_amplify, overwrite):
+    """Rescale the intruder singular values of TUNED and write a patched checkpoint to --out.
+
+    W' = W_tuned + sum over intruders of (λ - 1) σ u vᵀ, from the SVD of W_tuned.
+    """
+    from .detector import DetectOptions
+    from .patcher import PatchOptions
+    from .patcher import patch as run_patch
+    from .writer import parse_size
+
+    opts = PatchOptions(
+        out=out, scale=scale, format=fmt, max_shard_size=parse_size(max_shard_size), plan=plan,
+        allow_amplify=allow_amplify, overwrite=overwrite,
+        detect=DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules, allow_pickle=allow_pickle),
+    )
+    report = run_patch(base, tuned, opts)
+    click.echo(f"Patched {report.patched_matrices} of {report.examined_matrices} matrices "
+               f"({report.total_intruders} intruders); wrote {out} ({opts.format}).")
+    for e in report.matrices[:10]:
+        extra = f", peft would lose {e.peft_truncation_error:.2%}" if e.peft_truncation_error else ""
+        old, new = (", ".join(f"{x:.3g}" for x in sig) for sig in (e.sigma_old, e.sigma_new))
+        click.echo(f"  {e.name}: σ [{old}] -> [{new}]{extra}")
+    click.echo(f"Report: {out / 'repair_report.json'}")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ class PairSource:
     def _select(self) -> list[str]:
         if self.adapter is not None:
             base_names = set(self.base.names())
-            self._lora: dict[str, LoraModule] = {}
+            self.lora_names: dict[str, LoraModule] = {}
             for lm in self.adapter.modules.values():
                 name = match_base_name(lm.module, base_names)
                 if name is None:
@@ -88,16 +88,21 @@ class PairSource:
                         f"{self.tuned_source.path}: adapter module {lm.module} has no weight in base "
                         f"{self.base_source.path}; was it trained for another base model?"
                     )
-                self._lora[name] = lm
+                self.lora_names[name] = lm
+            self._replaced = {n: key for n, key in self.adapter.replaced.items()
+                              if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
-            return sorted((n for n in self._lora if self._wanted(n)), key=order.__getitem__)
+            return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
         return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
                 and self._wanted(n)]
 
-    def _is_transposed(self, name: str) -> bool:
+    def is_transposed(self, name: str) -> bool:
         if self.transposed is not None:
             return bool(self.transposed.search(name))
         return bool(self.adapter is not None and self.adapter.fan_in_fan_out)
+
+    def tuned_files(self) -> list[Path]:
+        return (self.adapter.reader if self.adapter is not None else self.tuned).files
 
     def __len__(self) -> int:
         return len(self.names)
@@ -108,10 +113,13 @@ class PairSource:
 
     def pair(self, name: str) -> MatrixPair:
         stored = self.base.get(name)
-        transposed = self._is_transposed(name)
+        transposed = self.is_transposed(name)
         W0 = stored.T if transposed else stored  # (out, in)
+        if self.adapter is not None and name in self._replaced:  # modules_to_save: a full replacement
+            t = self.adapter.reader.get(self._replaced[name])
+            return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
         if self.adapter is not None:
-            lm = self._lora[name]
+            lm = self.lora_names[name]
             tuned = self.adapter.tuned_weight(lm, W0)
             factors = None if lm.is_dora else self.adapter.factors(lm)
             return MatrixPair(name, tuple(stored.shape), transposed, W0, tuned, factors)

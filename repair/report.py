@@ -117,3 +117,50 @@ def render_table(report: DetectionReport, worst: int = 10) -> str:
             detail = ", ".join(f"{i}: {m.sigma[i]:.3g}, {m.max_cos[i]:.2f}" for i in m.intruders)
             lines.append(f"{m.name:<52}{detail}")
     return "\n".join(lines)
+
+
+class InputFile(BaseModel):
+    role: str  # base or tuned
+    path: str
+    sha256: str
+
+
+class Provenance(BaseModel):
+    """What produced a checkpoint: also stored, compactly, in its safetensors metadata."""
+
+    tool: str = "intruder-repair"
+    tool_version: str
+    command: str
+    arguments: dict[str, object]
+    inputs: list[InputFile]
+
+
+class MatrixEdit(BaseModel):
+    name: str
+    module_type: str
+    intruders: list[int]
+    scale: float
+    sigma_old: list[float]
+    sigma_new: list[float]
+    adapter_rank: int | None = Field(None, description="rank of the rewritten LoRA module (adapter format)")
+    reconstruction_error: float | None = Field(
+        None, description="relative error of the written adapter against W' (adapter format)")
+    peft_truncation_error: float | None = Field(
+        None, description="relative error if truncated back to rank r, as peft's reduce_intruder_dimension does")
+
+
+class PatchReport(BaseModel):
+    """``repair_report.json`` of a patched checkpoint."""
+
+    schema_version: str = SCHEMA_VERSION
+    created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    provenance: Provenance
+    format: Literal["merged", "adapter"]
+    examined_matrices: int
+    patched_matrices: int
+    total_intruders: int
+    matrices: list[MatrixEdit]
+    files: list[str]
+
+    def write_json(self, path: Path) -> None:
+        write_text_atomic(Path(path), self.model_dump_json(indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -54,3 +55,81 @@ def test_intruder_sets_equal_peft(llama_base, llama_adapter):
         ref = peft_deltas[pair.name]
         assert (ours - ref).norm() / ref.norm() < 1e-4, pair.name
     assert total > 0 and any(c == 0 for c in counts.values())  # both cases are exercised
+
+
+def peft_patched_state(model_fn, adapter_path, top_k, epsilon, lam):
+    from peft import PeftModel
+    from peft.tuners.lora.intruders import reduce_intruder_dimension
+
+    model = PeftModel.from_pretrained(model_fn(), str(adapter_path))
+    reduce_intruder_dimension(model, top_k=top_k, threshold_epsilon=epsilon, mitigation_lambda=lam,
+                              logging_sink=None)
+    return model.merge_and_unload().state_dict()
+
+
+def planted_llama():
+    """Tiny Llama whose q_proj weights have 16 tiny (but distinct) trailing singular values."""
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            U0, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+            V0, _ = torch.linalg.qr(torch.randn(64, 64, generator=gen))
+            sigma = torch.cat([0.9 ** torch.arange(48.0), 1e-3 * 0.9 ** torch.arange(16.0)])
+            layer.self_attn.q_proj.weight.copy_(U0 @ torch.diag(sigma) @ V0.T)
+            layer.self_attn.q_proj._planted = (U0[:, 48:].sum(1) / 4, V0[:, 48:].sum(1) / 4)
+    return model
+
+
+def test_adapter_output_equals_peft_where_truncation_is_lossless(tmp_path):
+    """ΔW lies in the base's near-null block, so peft's rank-r truncation loses (almost) nothing."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tmp_path / "base"
+    planted_llama().save_pretrained(str(base))
+    model = get_peft_model(planted_llama(), LoraConfig(r=1, lora_alpha=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for layer in model.base_model.model.model.layers:
+            q = layer.self_attn.q_proj
+            u, v = q.base_layer._planted
+            q.lora_B["default"].weight.copy_(u[:, None] * 2.0)  # scaling 2: ΔW = 4 u vᵀ
+            q.lora_A["default"].weight.copy_(v[None, :] * 0.5)  # 2 * (2 u)(0.5 v)ᵀ = 2 u vᵀ
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+
+    from peft import PeftModel
+
+    from repair.patcher import PatchOptions, patch
+
+    report = patch(str(base), str(adapter), PatchOptions(out=tmp_path / "ours", scale=0.5, format="adapter"))
+    assert report.patched_matrices == 2 and all(m.intruders == [0] for m in report.matrices)
+    assert all(m.peft_truncation_error < 1e-4 for m in report.matrices)
+    ours = PeftModel.from_pretrained(planted_llama(), str(tmp_path / "ours")).merge_and_unload().state_dict()
+    theirs = peft_patched_state(planted_llama, adapter, 10, 0.5, 0.5)
+    for m in report.matrices:
+        assert (ours[m.name] - theirs[m.name]).norm() / theirs[m.name].norm() < 1e-5, m.name
+
+
+def test_report_measures_peft_truncation_gap(llama_base, llama_adapter, tmp_path):
+    """Where peft's truncation is lossy, the report's figure equals the error peft really makes."""
+    from repair.patcher import PatchOptions, patch
+
+    lam = 0.5
+    report = patch(str(llama_base), str(llama_adapter), PatchOptions(out=tmp_path / "o", scale=lam, format="adapter"))
+    theirs = peft_patched_state(tiny_llama, llama_adapter, 10, 0.5, lam)
+    pairs = PairSource(resolve(str(llama_base)), resolve(str(llama_adapter)))
+    lossy = 0
+    for m in report.matrices:
+        pair = pairs.pair(m.name)
+        found = tuned_svd_of(pair)
+        W_new = pair.tuned + (lam - 1) * (found.U[:, m.intruders] * found.S[m.intruders]) @ found.Vh[m.intruders]
+        measured = float((theirs[m.name] - W_new).norm() / (W_new - pair.base).norm())
+        assert m.peft_truncation_error == pytest.approx(measured, abs=1e-4), m.name
+        lossy += m.peft_truncation_error > 0.01
+    assert lossy > 0
+
+
+def tuned_svd_of(pair):
+    from repair.linalg import svd
+
+    return svd(pair.tuned)

@@ -51,3 +51,24 @@ def test_detect_on_embedded_default(smollm2_adapter, tmp_path):
     with_intruders = {int(m["name"].split(".")[2]) for m in report["matrices"] if m["intruders"]}
     assert with_intruders == set(range(5))
     assert all(m["effective_rank_delta"] <= 2.0 + 1e-6 for m in report["matrices"])
+
+
+def _generate(model_dir, prompt="The capital of France is"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_patched_embedded_default_still_generates(smollm2, smollm2_adapter, tmp_path):
+    out = tmp_path / "patched"
+    res = CliRunner().invoke(main, ["patch", "smollm2-135m", str(smollm2_adapter), "--scale", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["patched_matrices"] >= 5
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert "Paris" in _generate(smollm2)
+    assert "Paris" in _generate(out)

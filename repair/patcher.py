@@ -1,0 +1,266 @@
+"""``repair patch``: detect, rescale and write a merged checkpoint or a PEFT adapter, in one pass."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .archs import module_type
+from .checkpoint import file_sha256
+from .detector import DetectOptions, find_intruders
+from .editor import MatrixPatch, apply_patch, dora_row_scale, extend_lora, make_patch, truncation_error
+from .errors import RepairError
+from .linalg import svd
+from .pairs import MatrixPair, PairSource
+from .plan import Plan, check_scale
+from .report import InputFile, MatrixEdit, PatchReport, Provenance
+from .sources import resolve
+from .writer import TensorWriter, atomic_output_dir, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+WEIGHT_MARKERS = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
+REPORT_NAME = "repair_report.json"
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    out: Path
+    scale: float | None = None
+    detect: DetectOptions = field(default_factory=DetectOptions)
+    format: Literal["merged", "adapter"] = "merged"
+    max_shard_size: int = 5 * 10**9
+    plan: Path | None = None
+    allow_amplify: bool = False
+    overwrite: bool = False
+
+    def validate(self, plan: Plan | None) -> None:
+        self.detect.validate()
+        if self.scale is None and plan is None:
+            raise RepairError("--scale: required unless --plan gives a scale for every matrix.")
+        if self.scale is not None:
+            check_scale(self.scale, self.allow_amplify)
+        for name, entry in (plan.matrices.items() if plan else ()):
+            if entry.scale is None and self.scale is None:
+                raise RepairError(f"--plan {self.plan}: {name} has no scale; set one or pass --scale.")
+            if entry.scale is not None:
+                check_scale(entry.scale, self.allow_amplify, f"--plan {self.plan} ({name})")
+
+
+def _edit(pair: MatrixPair, opts: PatchOptions, plan: Plan | None) -> MatrixPatch | None:
+    """The patch for one matrix: from the plan, or from a fresh detection. None when untouched."""
+    if plan is not None:
+        entry = plan.matrices.get(pair.name)
+        if entry is None or not entry.intruders:
+            return None
+        tuned_svd = svd(pair.tuned)
+        if max(entry.intruders) >= tuned_svd.S.shape[0]:
+            raise RepairError(f"--plan {opts.plan}: {pair.name} has no singular vector {max(entry.intruders)}.")
+        scale = opts.scale if entry.scale is None else entry.scale
+        return make_patch(tuned_svd, sorted(entry.intruders), scale)
+    d = opts.detect
+    found = find_intruders(pair.base, pair.tuned, d.top_k, d.epsilon, d.side)
+    return make_patch(found.tuned_svd, found.intruders, opts.scale) if found.intruders else None
+
+
+def _stored(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(out, in) float32 -> the stored layout and dtype."""
+    return (W.T if pair.transposed else W).to(dtype).contiguous()
+
+
+def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
+                    edits: list[MatrixEdit]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the merged checkpoint, patched where intruders were rescaled."""
+    adapter = src.adapter
+    names = src.base.names() if adapter else src.tuned.names()
+    selected = set(src.names)
+    for name in tqdm(names, desc="patch", unit="tensor", disable=None):
+        if name in selected:
+            pair = src.pair(name)
+            patch = _edit(pair, opts, plan)
+            stored = pair.base.T if pair.transposed else pair.base
+            if patch is not None and not patch.is_noop:
+                edits.append(_edit_record(pair, patch))
+                yield name, _stored(pair, apply_patch(pair.tuned, patch), stored.dtype)
+                continue
+            if patch is not None:
+                edits.append(_edit_record(pair, patch))
+        yield name, _unpatched(src, name)
+
+
+def _unpatched(src: PairSource, name: str) -> torch.Tensor:
+    """The plain merge: bit-exact with ``merge_and_unload()`` for LoRA, a copy otherwise."""
+    adapter = src.adapter
+    if adapter is None:
+        return src.tuned.get(name)
+    if name in src.lora_names:
+        lm = src.lora_names[name]
+        return adapter.merged_weight(lm, src.base.get(name), src.is_transposed(name))
+    if name in adapter.replaced:
+        return adapter.reader.get(adapter.replaced[name])
+    return src.base.get(name)
+
+
+def _edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:
+    return MatrixEdit(
+        name=pair.name, module_type=module_type(pair.name), intruders=patch.intruders, scale=patch.scale,
+        sigma_old=[round(float(s), 6) for s in patch.sigma_old],
+        sigma_new=[round(float(s), 6) for s in patch.sigma_new], **extra,
+    )
+
+
+def _rewrite_lora(src: PairSource, name: str, pair: MatrixPair, patch: MatrixPatch):
+    """New adapter tensors of rank r + |I| for one module, and its report record."""
+    adapter = src.adapter
+    lm = src.lora_names[name]
+    B, A = adapter.raw_factors(lm)  # unscaled, (out, r) and (r, in)
+    row_scale = None
+    if lm.is_dora:
+        row_scale = dora_row_scale(pair.base.float() + adapter.delta(lm), adapter.magnitude(lm))
+    B2, A2 = extend_lora(B, A, lm.scaling, patch, row_scale)
+    tensors = adapter.stored_factors(lm, B2, A2)
+    W_new = apply_patch(pair.tuned, patch)  # (out, in)
+    if lm.is_dora:
+        key = lm.keys["lora_magnitude_vector"]
+        old = adapter.reader.get(key)
+        tensors[key] = torch.linalg.norm(W_new, dim=1).to(old.dtype).reshape(old.shape)
+    rebuilt = _rebuild(pair.base, tensors, lm, adapter)
+    update = (W_new - pair.base.float()).norm()
+    record = _edit_record(
+        pair, patch, adapter_rank=B2.shape[1],
+        reconstruction_error=float((rebuilt - W_new).norm() / update) if update > 0 else 0.0,
+        peft_truncation_error=None if lm.is_dora else truncation_error(B * lm.scaling, A, patch, lm.rank),
+    )
+    return tensors, B2.shape[1], record
+
+
+def _rebuild(W0: torch.Tensor, tensors: dict[str, torch.Tensor], lm, adapter) -> torch.Tensor:
+    """W_tuned implied by the written tensors, as peft will merge them: a check, not an input."""
+    if lm.is_embedding:
+        B, A = tensors[lm.keys["lora_embedding_A"]].float().T, tensors[lm.keys["lora_embedding_B"]].float().T
+    else:
+        B, A = tensors[lm.keys["lora_B"]].float(), tensors[lm.keys["lora_A"]].float()
+    W = W0.float() + (B @ A) * lm.scaling
+    if lm.is_dora:
+        m = tensors[lm.keys["lora_magnitude_vector"]].float().reshape(-1)
+        W = (m / torch.linalg.norm(W, dim=1))[:, None] * W
+    return W
+
+
+def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edits: list[MatrixEdit]):
+    """All tensors of the patched adapter and the new per-module ranks."""
+    adapter = src.adapter
+    out = {k: adapter.reader.get(k) for k in adapter.reader.names()}  # adapters are small
+    ranks: dict[str, int] = {}
+    for name in tqdm(src.names, desc="patch", unit="matrix", disable=None):
+        pair = src.pair(name)
+        patch = _edit(pair, opts, plan)
+        if patch is None:
+            continue
+        if patch.is_noop:
+            edits.append(_edit_record(pair, patch))
+        elif name in src.lora_names:
+            tensors, ranks[src.lora_names[name].module], record = _rewrite_lora(src, name, pair, patch)
+            out.update(tensors)
+            edits.append(record)
+        else:  # a modules_to_save tensor: a full matrix, patched densely
+            key = adapter.replaced[name]
+            out[key] = _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)
+            edits.append(_edit_record(pair, patch))
+    return out, ranks
+
+
+def _adapter_config(src: PairSource, ranks: dict[str, int]):
+    """The input LoraConfig with per-module rank/alpha for rewritten modules (same scaling)."""
+    cfg = copy.deepcopy(src.adapter.config)
+    scaling = {lm.module: lm.scaling for lm in src.adapter.modules.values()}
+    new_ranks = {re.escape(m): r for m, r in ranks.items()}
+    new_alpha = {re.escape(m): scaling[m] * (r**0.5 if cfg.use_rslora else r) for m, r in ranks.items()}
+    cfg.rank_pattern = {**new_ranks, **(cfg.rank_pattern or {})}  # exact names first: peft takes the first match
+    cfg.alpha_pattern = {**new_alpha, **(cfg.alpha_pattern or {})}
+    return cfg
+
+
+def _copy_side_files(folder: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Config and tokenizer files (never weights, never code) from a checkpoint folder."""
+    if not folder.is_dir():
+        return
+    for p in sorted(folder.iterdir()):
+        if (p.is_file() and p.suffix in SIDE_FILE_SUFFIXES and p.name not in skip
+                and not p.name.endswith(WEIGHT_MARKERS)):
+            shutil.copyfile(p, dest / p.name)
+
+
+def _provenance(src: PairSource, base: str, tuned: str, opts: PatchOptions) -> Provenance:
+    """Tool, arguments and source hashes; free of output paths and times, so runs are reproducible."""
+    d = opts.detect
+    args = {"base": base, "tuned": tuned, "scale": opts.scale, "top_k": d.top_k, "epsilon": d.epsilon,
+            "side": d.side, "modules": d.modules, "format": opts.format, "max_shard_size": opts.max_shard_size,
+            "allow_amplify": opts.allow_amplify, "plan_sha256": file_sha256(opts.plan) if opts.plan else None}
+    inputs = []
+    for role, folder, files in (("base", src.base_source.path, src.base.files),
+                                ("tuned", src.tuned_source.path, src.tuned_files())):
+        configs = [folder / n for n in ("config.json", "adapter_config.json") if (folder / n).is_file()]
+        inputs += [InputFile(role=role, path=str(p), sha256=file_sha256(p)) for p in [*configs, *files]]
+    return Provenance(tool_version=__version__, command="patch", arguments=args, inputs=inputs)
+
+
+def _write(src: PairSource, opts: PatchOptions, plan: Plan | None, tmp: Path, meta: dict[str, str],
+           edits: list[MatrixEdit]) -> list[Path]:
+    if opts.format == "merged":
+        writer = TensorWriter(tmp, "model", opts.max_shard_size, meta)
+        for name, tensor in _merged_tensors(src, opts, plan, edits):
+            writer.save(name, tensor)
+        files = writer.finalize()
+        config_dir = src.base_source.path if src.adapter else src.tuned_source.path
+        _copy_side_files(config_dir, tmp)
+        return files
+    tensors, ranks = _adapter_tensors(src, opts, plan, edits)
+    _adapter_config(src, ranks).save_pretrained(str(tmp))
+    writer = TensorWriter(tmp, "adapter_model", opts.max_shard_size, meta)
+    for name in sorted(tensors):
+        writer.save(name, tensors[name])
+    _copy_side_files(src.tuned_source.path, tmp, skip=("adapter_config.json", REPORT_NAME))
+    return writer.finalize()
+
+
+def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
+    """Rescale the intruders of TUNED and write the result to ``opts.out`` atomically."""
+    plan = Plan.read(opts.plan) if opts.plan else None
+    opts.validate(plan)
+    if plan is not None and (plan.base, plan.tuned) != (base, tuned):
+        logger.warning("--plan %s was made for %s / %s, applying it to %s / %s",
+                       opts.plan, plan.base, plan.tuned, base, tuned)
+    src = PairSource(resolve(base), resolve(tuned), opts.detect.modules, opts.detect.allow_pickle)
+    if opts.format == "adapter" and src.adapter is None:
+        raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is a full checkpoint.")
+    check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
+    provenance = _provenance(src, base, tuned, opts)
+    meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}
+    edits: list[MatrixEdit] = []
+    try:
+        with atomic_output_dir(opts.out) as tmp:
+            files = _write(src, opts, plan, tmp, meta, edits)
+            patched = [e for e in edits if e.scale != 1.0]
+            report = PatchReport(
+                provenance=provenance, format=opts.format, examined_matrices=len(src),
+                patched_matrices=len(patched), total_intruders=sum(len(e.intruders) for e in edits),
+                matrices=edits, files=sorted(p.name for p in files),
+            )
+            report.write_json(tmp / REPORT_NAME)
+    except OSError as e:
+        raise RepairError(f"--out {opts.out}: writing failed ({e.strerror or e}); nothing was written.") from e
+    logger.info("wrote %s (%d matrices patched)", opts.out, len(patched))
+    return report

@@ -1,0 +1,253 @@
+"""`repair patch`: merged and adapter outputs through the real loaders, plans and safe writing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_adapter, merged_state, tiny_gpt2, tiny_llama
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from repair.checkpoint import file_sha256
+from repair.cli import main
+from repair.detector import DetectOptions
+from repair.editor import apply_patch, make_patch
+from repair.pairs import PairSource
+from repair.patcher import PatchOptions, patch
+from repair.sources import resolve
+
+MODELS = {"llama": (tiny_llama, "llama_base", ["q_proj", "v_proj", "down_proj"], {}),
+          "gpt2": (tiny_gpt2, "gpt2_base", ["c_attn", "c_fc"], {"fan_in_fan_out": True}),
+          "llama_dora": (tiny_llama, "llama_base", ["q_proj", "up_proj"], {"use_dora": True})}
+
+
+def expected_weights(base, adapter, scale, top_k=10, epsilon=0.5):
+    """W' per matrix, computed directly from the library's pieces: the oracle for the writers."""
+    from repair.detector import find_intruders
+
+    out = {}
+    for pair in PairSource(resolve(str(base)), resolve(str(adapter))):
+        found = find_intruders(pair.base, pair.tuned, top_k, epsilon)
+        W = apply_patch(pair.tuned, make_patch(found.tuned_svd, found.intruders, scale))
+        out[pair.name] = (W.T if pair.transposed else W, bool(found.intruders))
+    return out
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_case(request, tmp_path):
+    fn, base_fixture, targets, extra = MODELS[request.param]
+    base = request.getfixturevalue(base_fixture)
+    adapter = make_adapter(fn, base, tmp_path / "adapter", r=2, lora_alpha=4, target_modules=targets,
+                           b_scale=2.0, **extra)
+    return fn, base, adapter
+
+
+def test_merged_output_loads_in_transformers(model_case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    fn, base, adapter = model_case
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["patch", str(base), str(adapter), "--scale", "0.25", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    state = model.state_dict()
+    expected = expected_weights(base, adapter, 0.25)
+    assert any(flag for _, flag in expected.values())
+    for name, (W, _) in expected.items():
+        assert rel(state[name], W) < 1e-6, name
+    plain = merged_state(fn, adapter)  # every other tensor is exactly the plain merge
+    for name, t in state.items():
+        if name not in expected:
+            assert torch.equal(t, plain[name]), name
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_adapter_output_loads_in_peft_and_reproduces_w_prime(model_case, tmp_path):
+    from peft import PeftModel
+
+    fn, base, adapter = model_case
+    out = tmp_path / "patched-adapter"
+    res = CliRunner().invoke(main, ["patch", str(base), str(adapter), "--scale", "0.25", "--out", str(out),
+                                    "--format", "adapter"])
+    assert res.exit_code == 0, res.output
+    merged = PeftModel.from_pretrained(fn(), str(out)).merge_and_unload().state_dict()
+    report = json.loads((out / "repair_report.json").read_text())
+    by_name = {m["name"]: m for m in report["matrices"]}
+    for name, (W, has_intruders) in expected_weights(base, adapter, 0.25).items():
+        assert rel(merged[name], W) < 1e-5, name
+        if has_intruders:
+            m = by_name[name]
+            assert m["adapter_rank"] == 2 + len(m["intruders"]) and m["reconstruction_error"] < 1e-5
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] and all(r > 2 for r in cfg["rank_pattern"].values())
+
+
+def test_scale_one_is_bit_exact_plain_merge(llama_base, llama_adapter, tmp_path):
+    out = tmp_path / "m"
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plain = merged_state(tiny_llama, llama_adapter)
+    ours = load_file(str(out / "model.safetensors"))
+    assert ours.keys() <= plain.keys()
+    for name, t in ours.items():
+        assert t.dtype == plain[name].dtype and torch.equal(t, plain[name]), name
+
+
+def test_bfloat16_base_is_cast_back_and_plain_merge_bit_exact(tmp_path):
+    base = tmp_path / "bf16"
+    tiny_llama().to(torch.bfloat16).save_pretrained(str(base))
+
+    def bf16_llama():
+        return tiny_llama().to(torch.bfloat16)
+
+    adapter = make_adapter(bf16_llama, base, tmp_path / "a", r=2, target_modules=["q_proj"], b_scale=3.0)
+    out = tmp_path / "out"
+    patch(str(base), str(adapter), PatchOptions(out=out, scale=0.0))
+    ours = load_file(str(out / "model.safetensors"))
+    plain = merged_state(bf16_llama, adapter)
+    report = json.loads((out / "repair_report.json").read_text())
+    patched = {m["name"] for m in report["matrices"]}
+    assert patched and all(t.dtype == torch.bfloat16 for t in ours.values())
+    for name, t in ours.items():
+        if name not in patched:
+            assert torch.equal(t, plain[name]), name
+
+
+def test_same_inputs_give_byte_identical_safetensors(llama_base, llama_adapter, tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        patch(str(llama_base), str(llama_adapter), PatchOptions(out=out, scale=0.5, format="adapter"))
+        runs.append(out)
+    assert (runs[0] / "adapter_model.safetensors").read_bytes() == (runs[1] / "adapter_model.safetensors").read_bytes()
+    a, b = (json.loads((r / "repair_report.json").read_text()) for r in runs)
+    a.pop("created"), b.pop("created")
+    assert a == b
+
+
+def test_provenance_in_report_and_metadata(llama_base, llama_adapter, tmp_path):
+    before = file_sha256(llama_adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    patch(str(llama_base), str(llama_adapter), PatchOptions(out=out, scale=0.0))
+    assert file_sha256(llama_adapter / "adapter_model.safetensors") == before  # inputs untouched
+    report = json.loads((out / "repair_report.json").read_text())
+    prov = report["provenance"]
+    assert prov["arguments"]["scale"] == 0.0 and prov["tool_version"]
+    hashes = {i["path"]: i["sha256"] for i in prov["inputs"]}
+    assert hashes[str(llama_adapter / "adapter_model.safetensors")] == before
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["intruder_repair"]) == prov
+    for m in report["matrices"]:
+        assert m["sigma_new"] == pytest.approx([0.0] * len(m["sigma_old"]))
+
+
+def test_sharded_output_with_index_loads(llama_base, llama_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sharded"
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0",
+                                    "--out", str(out), "--max-shard-size", "60KB"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    assert not list(out.glob("*.part"))
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_plan_round_trip_patches_only_what_it_lists(llama_base, llama_adapter, tmp_path):
+    plan_path = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["detect", str(llama_base), str(llama_adapter), "--plan-out", str(plan_path)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(plan_path.read_text())
+    names = sorted(plan["matrices"])
+    assert len(names) >= 2
+    keep, spare = names[0], names[1:]
+    for n in spare:
+        del plan["matrices"][n]
+    plan["matrices"][keep]["scale"] = 0.5
+    plan["matrices"][keep]["intruders"] = plan["matrices"][keep]["intruders"][:1]
+    plan_path.write_text(json.dumps(plan))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--plan", str(plan_path),
+                                    "--out", str(out), "--format", "adapter"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "repair_report.json").read_text())
+    assert [(m["name"], m["scale"], len(m["intruders"])) for m in report["matrices"]] == [(keep, 0.5, 1)]
+    assert report["matrices"][0]["sigma_new"][0] == pytest.approx(report["matrices"][0]["sigma_old"][0] / 2)
+
+
+def test_full_checkpoint_input_merged_only(llama_base, llama_adapter, tmp_path):
+    from peft import PeftModel
+
+    merged_dir = tmp_path / "merged-in"
+    PeftModel.from_pretrained(tiny_llama(), str(llama_adapter)).merge_and_unload().save_pretrained(str(merged_dir))
+    out = tmp_path / "out"
+    report = patch(str(llama_base), str(merged_dir), PatchOptions(out=out, scale=0.0))
+    assert report.patched_matrices > 0
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(merged_dir), "--scale", "0", "--format",
+                                    "adapter", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "must be a PEFT LoRA adapter" in res.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scale", "1.5"], "--allow-amplify"),
+    (["--scale", "-0.1"], "expected λ in [0, 1]"),
+    ([], "--scale: required"),
+    (["--scale", "0", "--max-shard-size", "lots"], "--max-shard-size"),
+])
+def test_patch_bad_arguments(llama_base, llama_adapter, tmp_path, extra, message):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--out", str(out), *extra])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_allow_amplify(llama_base, llama_adapter, tmp_path):
+    report = patch(str(llama_base), str(llama_adapter),
+                   PatchOptions(out=tmp_path / "o", scale=1.5, allow_amplify=True))
+    m = report.matrices[0]
+    assert m.sigma_new[0] == pytest.approx(1.5 * m.sigma_old[0], rel=1e-5)
+
+
+def test_output_folder_rules(llama_base, llama_adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "not empty" in res.output and (out / "keep.txt").read_text() == "mine"
+    res = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert res.exit_code == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    inside = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0",
+                                       "--out", str(llama_adapter / "sub")])
+    assert inside.exit_code == 2 and "inputs are never modified" in inside.output
+    assert not (llama_adapter / "sub").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_failed_write_leaves_nothing(llama_base, llama_adapter, tmp_path, monkeypatch):
+    from repair import writer
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "save_file", boom)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--out", str(out)])
+    assert res.exit_code == 2 and "No space left on device" in res.output and "nothing was written" in res.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_only_selected_modules_are_patched(llama_base, llama_adapter, tmp_path):
+    report = patch(str(llama_base), str(llama_adapter),
+                   PatchOptions(out=tmp_path / "o", scale=0.0, detect=DetectOptions(modules="q_proj")))
+    assert report.examined_matrices == 2 and {m.module_type for m in report.matrices} == {"q_proj"}
