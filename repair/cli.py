@@ -137,5 +137,67 @@ def patch(base, tuned, scale, top_k, epsilon, side, modules, allow_pickle, out, 
     click.echo(f"Report: {out / 'repair_report.json'}")
 
 
+def _scales(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError as e:
+        raise UsageFailure(f"--scales: expected comma-separated numbers such as 0,0.5,1, got {value!r}.") from e
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--scales", default="0,0.25,0.5,0.75,1", show_default=True, callback=_scales,
+              help="Comma-separated λ values.")
+@click.option("--task", default=None, help="lm-eval task: a registered name or a local task YAML path.")
+@click.option("--forgetting", default="base-samples", show_default=True,
+              help="Reference corpus: a .txt/.jsonl file, an lm-eval rolling task, or base-samples[:N].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--limit", type=int, default=None, help="Evaluate at most N task examples.")
+@click.option("--pick", default=None, help="Choose λ, e.g. max-acc-drop=0.01.")
+@click.option("--write-picked", is_flag=True, help="Also write the merged checkpoint at the picked λ.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
+@_detect_options
+@_handle_errors
+def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked, batch_size, allow_amplify,
+          top_k, epsilon, side, modules, allow_pickle):
+    """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
+    from evals.results import markdown_table
+    from evals.sweep import SweepOptions, run_sweep
+
+    from .detector import DetectOptions
+
+    opts = SweepOptions(out=out, scales=scales, task=task, forgetting=forgetting, limit=limit, pick=pick,
+                        write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
+                        detect=DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules,
+                                             allow_pickle=allow_pickle))
+    report = run_sweep(base, tuned, opts)
+    click.echo(markdown_table(report))
+    if report.pick is not None:
+        click.echo(f"\nPicked λ={report.pick.scale:g} ({report.pick.rule}): accuracy drop "
+                   f"{report.pick.accuracy_drop:+.4f}" + (f", checkpoint {report.pick.checkpoint}"
+                                                          if report.pick.checkpoint else ""))
+    click.echo(f"\nWrote {out / 'sweep.json'}, sweep.csv and tradeoff.png")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names or local task YAML paths.")
+@click.option("--limit", type=int, default=None, help="Evaluate at most N examples per task.")
+@click.option("--base", default=None, help="Base model for LoRA adapter folders (default: the adapter's own).")
+@click.option("--forgetting", default=None, help="Also score forgetting on this corpus (see `repair sweep`).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write compare.json and compare.md.")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@_handle_errors
+def compare(models, tasks, limit, base, forgetting, out, batch_size):
+    """Side-by-side lm-eval table of MODELS (folders, hub ids, smollm2-135m, or LoRA adapters)."""
+    from evals.compare import run_compare
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    report = run_compare(list(models), task_list, limit, base, forgetting, out, batch_size)
+    click.echo(report.markdown())
+
+
 if __name__ == "__main__":
     main()

@@ -100,6 +100,17 @@ def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
         yield name, _unpatched(src, name)
 
 
+def changed_tensors(src: PairSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """The plain merge of TUNED for every tensor that may differ from BASE (all, for a full checkpoint)."""
+    if src.adapter is None:
+        for name in src.tuned.names():
+            yield name, src.tuned.get(name)
+        return
+    for name in src.base.names():
+        if name in src.lora_names or name in src.adapter.replaced:
+            yield name, _unpatched(src, name)
+
+
 def _unpatched(src: PairSource, name: str) -> torch.Tensor:
     """The plain merge: bit-exact with ``merge_and_unload()`` for LoRA, a copy otherwise."""
     adapter = src.adapter

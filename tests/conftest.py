@@ -30,8 +30,26 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(cfg).eval()
 
 
+def char_tokenizer():
+    """A character-level fast tokenizer (< 128 ids) built in-process: no download."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", model_max_length=64)
+
+
 def save_model(model, path: Path) -> Path:
+    """Save a tiny model with the character tokenizer, like a real checkpoint folder."""
     model.save_pretrained(str(path))
+    char_tokenizer().save_pretrained(str(path))
     return path
 
 
@@ -85,3 +103,44 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
     return make_adapter(tiny_llama, llama_base, out, r=4, lora_alpha=8,
                         target_modules=["q_proj", "v_proj", "down_proj"],
                         scales={"layers.0.": 1.0, "layers.1.": 1e-3})
+
+
+def write_mc_task(folder: Path, name: str = "tiny_add", n: int = 24) -> Path:
+    """A local multiple-choice lm-eval task (sums of small numbers) and its data, absolute path inside."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a + b + 2)], "answer": (a * b) % 3}
+            for a in range(6) for b in range(4)][:n]
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yaml = folder / f"{name}.yaml"
+    yaml.write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data.resolve()}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return yaml
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A stitch in time saves nine.",
+    "To be or not to be, that is the question.",
+    "x",
+    "All that glitters is not gold; all who wander are not lost.",
+    "It was the best of times, it was the worst of times.",
+]
+
+
+@pytest.fixture(scope="session")
+def mc_task(tmp_path_factory) -> Path:
+    return write_mc_task(tmp_path_factory.mktemp("tasks"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "ref.txt"
+    path.write_text("\n".join(CORPUS[:3]) + "\n\n" + "\n".join(CORPUS[3:]) + "\n")
+    return path

@@ -1,0 +1,72 @@
+"""Downstream accuracy with lm-eval on an in-memory model (``HFLM(pretrained=model, tokenizer=tok)``)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from repair.errors import RepairError
+
+from .models import device
+
+logger = logging.getLogger(__name__)
+
+# Metrics read from lm-eval's results, first present wins.
+METRIC_PREFERENCE = ("acc", "acc_norm", "exact_match", "f1", "mcc")
+_TASK_KEY = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    task: str
+    metric: str
+    value: float
+    stderr: float | None
+
+
+def task_manager_for(spec: str):
+    """``(TaskManager, task name)``: a local YAML path registers its folder; anything else is a task name."""
+    from lm_eval.tasks import TaskManager
+
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise RepairError(f"--task {spec}: no such task YAML file.")
+        m = _TASK_KEY.search(path.read_text())
+        if m is None:
+            raise RepairError(f"--task {spec}: the YAML has no 'task:' name.")
+        return TaskManager(include_path=str(path.resolve().parent)), m[1]
+    return TaskManager(), spec
+
+
+def _pick_metric(task: str, results: dict) -> TaskScore:
+    for metric in METRIC_PREFERENCE:
+        key = f"{metric},none"
+        if key in results:
+            stderr = results.get(f"{metric}_stderr,none")
+            return TaskScore(task, metric, float(results[key]),
+                             float(stderr) if isinstance(stderr, int | float) else None)
+    raise RepairError(f"--task {task}: lm-eval reported none of the metrics {', '.join(METRIC_PREFERENCE)}.")
+
+
+def make_lm(model, tok, batch_size: int = 8):
+    """An lm-eval ``HFLM`` around an in-memory model; weights edited in place are seen by later calls."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device())
+
+
+def evaluate(lm, spec: str, limit: int | None = None) -> TaskScore:
+    """Run one lm-eval task (registered name or local YAML) through ``simple_evaluate``."""
+    from lm_eval import simple_evaluate
+
+    tm, name = task_manager_for(spec)
+    try:
+        out = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False)
+    except Exception as e:  # noqa: BLE001 - unknown task, offline dataset, bad YAML...
+        raise RepairError(f"--task {spec}: lm-eval could not run it ({type(e).__name__}: {e}).") from e
+    if out is None or name not in out["results"]:
+        raise RepairError(f"--task {spec}: lm-eval returned no results for {name!r}.")
+    return _pick_metric(name, out["results"][name])

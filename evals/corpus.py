@@ -1,0 +1,98 @@
+"""Reference corpora for forgetting: a local file, an lm-eval rolling task, or samples of the base model.
+
+``base-samples[:N]`` draws N documents from the base model itself (fixed seed, cached). Tuned NLL
+minus base NLL on them is then a Monte-Carlo estimate of KL(base ‖ tuned) on the base's own
+distribution: the forgetting the paper measures, without any third-party data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from repair.errors import RepairError
+from repair.report import write_text_atomic
+from repair.sources import cache_dir
+
+from .accuracy import task_manager_for
+
+logger = logging.getLogger(__name__)
+
+BASE_SAMPLES = "base-samples"
+DEFAULT_SAMPLES, SAMPLE_TOKENS, SAMPLE_SEED = 64, 64, 0
+
+
+def read_documents(path: Path) -> list[str]:
+    """One document per non-empty line of a .txt, or the ``text`` field of each .jsonl record."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RepairError(f"--forgetting {path}: cannot be read ({e}).") from e
+    if Path(path).suffix != ".jsonl":
+        docs = [line for line in lines if line.strip()]
+    else:
+        try:
+            docs = [json.loads(line)["text"] for line in lines if line.strip()]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RepairError(f"--forgetting {path}: expected one JSON object with a 'text' field per line.") from e
+    if not docs:
+        raise RepairError(f"--forgetting {path}: holds no documents.")
+    return docs
+
+
+def task_documents(name: str, limit: int | None = None) -> list[str]:
+    """Documents of an lm-eval ``loglikelihood_rolling`` task (e.g. wikitext), by name or YAML path."""
+    tm, task_name = task_manager_for(name)
+    try:
+        tasks = tm.load_task_or_group([task_name])
+    except Exception as e:  # noqa: BLE001 - lm-eval raises many kinds for unknown or offline tasks
+        raise RepairError(f"--forgetting {name}: not a file, and lm-eval could not load it as a task ({e}).") from e
+    task = tasks[task_name]
+    if task.OUTPUT_TYPE != "loglikelihood_rolling":
+        raise RepairError(f"--forgetting {name}: lm-eval task has output_type {task.OUTPUT_TYPE!r}, "
+                          "expected 'loglikelihood_rolling'.")
+    docs = [str(task.doc_to_target(d)) for d in task.eval_docs]
+    return docs[:limit] if limit else docs
+
+
+def _parse_samples(spec: str) -> int:
+    n = spec.partition(":")[2]
+    if n and not (n.isdigit() and int(n) > 0):
+        raise RepairError(f"--forgetting {spec}: expected {BASE_SAMPLES} or {BASE_SAMPLES}:N with N > 0.")
+    return int(n) if n else DEFAULT_SAMPLES
+
+
+def base_samples(model, tok, model_key: str, n: int = DEFAULT_SAMPLES, tokens: int = SAMPLE_TOKENS,
+                 seed: int = SAMPLE_SEED) -> list[str]:
+    """``n`` unconditional samples of the model (ancestral sampling, temperature 1), cached by key."""
+    key = hashlib.sha256(json.dumps([model_key, n, tokens, seed]).encode()).hexdigest()[:16]
+    path = cache_dir() / "corpora" / f"base-samples-{key}.jsonl"
+    if path.is_file():
+        return read_documents(path)
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[start]], device=next(model.parameters()).device), do_sample=True,
+                             top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=tokens,
+                             num_return_sequences=n, pad_token_id=tok.eos_token_id)
+    docs = [t for t in tok.batch_decode(out[:, 1:], skip_special_tokens=True)]
+    docs = [d for d in docs if d.strip()]
+    write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    logger.info("cached %d base samples at %s", len(docs), path)
+    return docs
+
+
+def load_corpus(spec: str, model=None, tok=None, model_key: str = "", limit: int | None = None) -> list[str]:
+    """Resolve ``--forgetting``: ``base-samples[:N]``, a .txt/.jsonl file, or an lm-eval rolling task
+    (a registered name or a local task YAML)."""
+    if spec == BASE_SAMPLES or spec.startswith(BASE_SAMPLES + ":"):
+        docs = base_samples(model, tok, model_key, _parse_samples(spec))
+    elif Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml"):
+        docs = read_documents(Path(spec))
+    else:
+        docs = task_documents(spec)
+    return docs[:limit] if limit else docs

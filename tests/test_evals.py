@@ -1,0 +1,172 @@
+"""The evaluation harness on a tiny model: forgetting, lm-eval accuracy, sweeps and comparisons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import CORPUS, char_tokenizer, tiny_llama
+
+from evals.corpus import load_corpus, read_documents
+from evals.forgetting import causal_nll, pseudo_nll
+from repair.cli import main
+
+
+def direct_nll(model, tok, docs):
+    """The definition: each document alone, model(input_ids=ids, labels=ids), token-weighted."""
+    total, n = 0.0, 0
+    for d in docs:
+        ids = tok(d, return_tensors="pt").input_ids[:, :64]
+        if ids.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    return total / n
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_forgetting_nll_equals_direct_transformers(batch_size):
+    model, tok = tiny_llama(), char_tokenizer()
+    score = causal_nll(model, tok, CORPUS, batch_size=batch_size)
+    assert score.nll == pytest.approx(direct_nll(model, tok, CORPUS), rel=1e-5)
+    assert score.documents == 5 and score.tokens == sum(len(d) - 1 for d in CORPUS if len(d) > 1)
+
+
+def test_corpus_files(tmp_path, corpus_file):
+    assert read_documents(corpus_file) == CORPUS
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(CORPUS)))
+    assert load_corpus(str(jl)) == CORPUS
+
+
+def test_pseudo_nll_of_masked_lm_matches_its_definition():
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    tok.add_special_tokens({"mask_token": "<mask>"})
+    model = RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64,
+                                             max_position_embeddings=80, pad_token_id=0)).eval()
+    docs = CORPUS[:2]
+    score = pseudo_nll(model, tok, docs, batch_size=5)
+    total, n = 0.0, 0
+    for d in docs:  # one masked copy per token, scored one at a time
+        ids = tok(d).input_ids
+        for i, t in enumerate(ids):
+            masked = torch.tensor([ids])
+            masked[0, i] = tok.mask_token_id
+            with torch.no_grad():
+                total -= float(model(input_ids=masked).logits[0, i].log_softmax(-1)[t])
+            n += 1
+    assert score.kind == "pseudo-nll" and score.tokens == n and score.nll == pytest.approx(total / n, rel=1e-5)
+
+
+def test_rolling_task_corpus(tmp_path):
+    data = tmp_path / "wiki.jsonl"
+    data.write_text("".join(json.dumps({"page": d}) + "\n" for d in CORPUS))
+    yaml = tmp_path / "tiny_wiki.yaml"
+    yaml.write_text(f"task: tiny_wiki\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+                    "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                    "doc_to_target: '{{page}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    assert load_corpus(str(yaml)) == CORPUS
+
+
+def test_base_samples_are_seeded_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path))
+    model, tok = tiny_llama(), char_tokenizer()
+    a = load_corpus("base-samples:5", model, tok, model_key="tiny")
+    assert len(list((tmp_path / "corpora").glob("*.jsonl"))) == 1
+    b = load_corpus("base-samples:5", None, None, model_key="tiny")  # from the cache: no model needed
+    assert a == b and 1 <= len(a) <= 5
+    (tmp_path / "corpora").rename(tmp_path / "old")
+    assert load_corpus("base-samples:5", model, tok, model_key="tiny") == a  # same seed, same samples
+
+
+def _sweep(base, adapter, task, corpus, out, *extra):
+    return CliRunner().invoke(main, ["sweep", str(base), str(adapter), "--scales", "0,0.5,1", "--task", str(task),
+                                     "--forgetting", str(corpus), "--out", str(out), *extra])
+
+
+def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "sweep"
+    res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, out, "--pick", "max-acc-drop=1.0")
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["scale"] for p in report["points"]] == [0.0, 0.5, 1.0]
+    assert (out / "sweep.csv").read_text().count("\n") == 6 and (out / "tradeoff.png").stat().st_size > 1000
+    one = report["points"][2]
+    assert one["accuracy"] == report["tuned"]["accuracy"] and report["base"]["forgetting_delta"] == 0.0
+    assert one["intruders"] == report["total_intruders"] > report["points"][0]["intruders"]
+    # intruders left at λ=0 are counted without a new SVD; a real detection on the patched checkpoint agrees
+    from repair.detector import detect
+    from repair.patcher import PatchOptions, patch
+
+    patch(str(llama_base), str(llama_adapter), PatchOptions(out=tmp_path / "zero", scale=0.0))
+    assert detect(str(llama_base), str(tmp_path / "zero")).total_intruders == report["points"][0]["intruders"]
+
+    merged = tmp_path / "merged"
+    assert CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "1",
+                                     "--out", str(merged)]).exit_code == 0
+    lm = HFLM(pretrained=str(merged), tokenizer=AutoTokenizer.from_pretrained(str(merged)), device="cpu", batch_size=8)
+    ref = simple_evaluate(model=lm, tasks=["tiny_add"], task_manager=TaskManager(include_path=str(mc_task.parent)))
+    assert one["accuracy"] == ref["results"]["tiny_add"]["acc,none"]
+    assert one["accuracy_stderr"] == pytest.approx(ref["results"]["tiny_add"]["acc_stderr,none"])
+    model = AutoModelForCausalLM.from_pretrained(str(merged))
+    assert one["forgetting_nll"] == pytest.approx(direct_nll(model, char_tokenizer(), CORPUS), rel=1e-5)
+
+    # an interrupted sweep: one point lost; the rerun recomputes only it and gives the same numbers
+    (out / "points" / "scale=0.5.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()}
+    res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, out, "--pick", "max-acc-drop=1.0")
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "sweep.json").read_text())
+    strip = ["seconds"]
+    assert [{k: v for k, v in p.items() if k not in strip} for p in again["points"]] == \
+           [{k: v for k, v in p.items() if k not in strip} for p in report["points"]]
+    assert all((out / "points" / n).stat().st_mtime_ns == t for n, t in before.items())
+    assert again["pick"]["scale"] == min(report["points"], key=lambda p: p["forgetting_nll"])["scale"]
+
+
+def test_pick_rule():
+    from evals.results import SweepPoint
+    from evals.sweep import choose
+
+    def pt(scale, acc, nll):
+        return SweepPoint(label=str(scale), scale=scale, accuracy=acc, forgetting_nll=nll, forgetting_delta=0,
+                          intruders=0)
+
+    points = [pt(0.0, 0.80, 3.0), pt(0.5, 0.895, 3.2), pt(1.0, 0.90, 3.5)]
+    assert choose(points, points[2], pt(None, 0.1, 2.9), "max-acc-drop=0.01").scale == 0.5
+    assert choose(points, points[2], pt(None, 0.1, 2.9), "max-acc-drop=0.2").scale == 0.0
+    p = choose(points, points[2], pt(None, 0.1, 2.5), "max-acc-drop=0.01")
+    assert p.forgetting_recovered == pytest.approx(0.3 / 1.0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scales", "0,x"], "--scales"), (["--scales", "2"], "--allow-amplify"),
+    (["--pick", "best"], "max-acc-drop"), (["--write-picked"], "needs --pick"),
+])
+def test_sweep_bad_arguments(llama_base, llama_adapter, mc_task, corpus_file, tmp_path, extra, message):
+    res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, tmp_path / "o", *extra)
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_compare_table(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, ["compare", str(llama_base), str(llama_adapter), "--base", str(llama_base),
+                                    "--tasks", str(mc_task), "--forgetting", str(corpus_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["model"] for r in report["rows"]] == [str(llama_base), str(llama_adapter)]
+    assert all(r["scores"]["tiny_add"]["stderr"] is not None for r in report["rows"])
+    assert "| model | tiny_add | forgetting NLL |" in res.output
+    assert report["rows"][0]["forgetting_nll"] != report["rows"][1]["forgetting_nll"]
