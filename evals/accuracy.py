@@ -30,6 +30,10 @@ def task_manager_for(spec: str):
     """``(TaskManager, task name)``: a local YAML path registers its folder; anything else is a task name."""
     from lm_eval.tasks import TaskManager
 
+    from .taskgen import materialize_task, shipped_task_names
+
+    if spec in shipped_task_names():  # the project's own offline tasks, by name
+        spec = str(materialize_task(spec))
     path = Path(spec)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():

@@ -56,5 +56,9 @@ def load_model(ref: str, base: str | None = None):
 def _load_full(src: ModelSource):
     if not (src.path / "config.json").is_file():
         raise RepairError(f"{src.ref}: {src.path} has no config.json; expected a transformers checkpoint folder.")
-    model = _auto_class(src.path).from_pretrained(str(src.path), dtype="auto")
+    try:  # trust_remote_code stays False: a checkpoint's own Python code is never run
+        model = _auto_class(src.path).from_pretrained(str(src.path), dtype="auto", trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise RepairError(f"{src.ref}: transformers could not load it without running remote code "
+                          f"({str(e).splitlines()[0]}).") from e
     return model.to(device()).eval()

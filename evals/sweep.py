@@ -155,6 +155,8 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     done: dict[float, SweepPoint] = {}
     for scale in tqdm([1.0, *[s for s in opts.scales if s != 1.0]], desc="sweep", unit="λ", disable=None):
         point = cache.get(_label(scale))
+        if point is None and not patcher.entries and 1.0 in done:  # nothing to rescale: every λ is λ=1
+            point = cache.put(done[1.0].model_copy(update={"label": _label(scale), "scale": scale, "seconds": 0.0}))
         if point is None:
             patcher.apply(scale)
             point = cache.put(ev.measure(_label(scale), scale, patcher.intruders_at(scale)))

@@ -199,5 +199,60 @@ def compare(models, tasks, limit, base, forgetting, out, batch_size):
     click.echo(report.markdown())
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@_handle_errors
+def finetune(recipe, out, overwrite):
+    """Fine-tune (LoRA or full) as RECIPE.yaml says; see recipes/."""
+    from .finetune import finetune as run_finetune
+    from .recipe import load_recipe
+
+    final = run_finetune(load_recipe(recipe), out, overwrite)
+    click.echo(f"Wrote {final} (checkpoints in {out / 'checkpoints'}, log in {out / 'training_log.json'})")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--k-max", default=50, show_default=True, type=int, help="Largest k in the intruders-vs-k curve.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Folder of step-N checkpoints (from `repair finetune`) for the Fig. 7 plot.")
+@_detect_options
+@_handle_errors
+def figures(base, tuned, out, k_max, checkpoints, top_k, epsilon, side, modules, allow_pickle):
+    """Draw the paper's diagnostics for BASE vs TUNED: similarity matrix, ε and k curves, effective rank."""
+    from .detector import DetectOptions
+    from .figures import make_figures
+
+    opts = DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules, allow_pickle=allow_pickle)
+    for f in make_figures(base, tuned, out, top_k, k_max, opts, checkpoints):
+        click.echo(f"wrote {f}")
+
+
+@main.command()
+@click.option("--out", default="intruder-repair-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder (reruns reuse it).")
+@click.option("--retrain", is_flag=True, help="Rebuild the demo adapter from its recipe first (about 5 min).")
+@click.option("--limit", default=200, show_default=True, type=int, help="Task examples per evaluation.")
+@_handle_errors
+def demo(out, retrain, limit):
+    """Detect, sweep and patch the bundled LoRA adapter of the embedded default model (SmolLM2-135M)."""
+    from evals.results import markdown_table
+
+    from .demo import run_demo
+    from .report import render_table
+
+    result = run_demo(out, retrain, limit)
+    click.echo(render_table(result.detection, worst=5))
+    click.echo("\n" + markdown_table(result.sweep) + "\n")
+    click.echo(f"Detection report: {out / 'detect.json'}")
+    click.echo(f"Sweep: {out / 'sweep' / 'sweep.json'} and {out / 'sweep' / 'tradeoff.png'}")
+    click.echo(f"Figures: {out / 'figures'}")
+    click.echo("\n" + result.verdict())
+
+
 if __name__ == "__main__":
     main()

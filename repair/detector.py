@@ -45,6 +45,7 @@ class MatrixIntruders:
     max_cos_left: torch.Tensor | None  # (k,)
     max_cos_right: torch.Tensor | None  # (k,)
     tuned_svd: SVD
+    base_svd: SVD
 
 
 def find_intruders(base: torch.Tensor, tuned: torch.Tensor, top_k: int = 10, epsilon: float = 0.5,
@@ -62,7 +63,7 @@ def find_intruders(base: torch.Tensor, tuned: torch.Tensor, top_k: int = 10, eps
     right = max_abs_cos(t.Vh[:k].T, b.Vh.T) if side in ("right", "both") else None  # (k,)
     decisive = left if right is None else right if left is None else torch.maximum(left, right)
     intruders = torch.nonzero(decisive < epsilon).flatten().tolist()
-    return MatrixIntruders(intruders, decisive, left, right, t)
+    return MatrixIntruders(intruders, decisive, left, right, t, b)
 
 
 def delta_effective_rank(pair: MatrixPair) -> tuple[float, float]:

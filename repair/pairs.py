@@ -112,26 +112,37 @@ class PairSource:
             yield self.pair(name)
 
     def pair(self, name: str) -> MatrixPair:
-        stored = self.base.get(name)
+        """Load one matrix pair; non-finite weights are refused, naming the tensor."""
+        stored = _finite(self.base.get(name), name, self.base_source.path)
         transposed = self.is_transposed(name)
         W0 = stored.T if transposed else stored  # (out, in)
+        tuned_path = self.tuned_source.path
         if self.adapter is not None and name in self._replaced:  # modules_to_save: a full replacement
-            t = self.adapter.reader.get(self._replaced[name])
+            t = self._same_shape(_finite(self.adapter.reader.get(self._replaced[name]), name, tuned_path), stored, name)
             return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
         if self.adapter is not None:
             lm = self.lora_names[name]
-            tuned = self.adapter.tuned_weight(lm, W0)
+            tuned = _finite(self.adapter.tuned_weight(lm, W0), lm.module + " (LoRA update)", tuned_path)
             factors = None if lm.is_dora else self.adapter.factors(lm)
             return MatrixPair(name, tuple(stored.shape), transposed, W0, tuned, factors)
         if name not in self.tuned:
-            raise CheckpointError(f"{self.tuned_source.path}: has no tensor {name!r}, which the base has.")
-        t = self.tuned.get(name)
+            raise CheckpointError(f"{tuned_path}: has no tensor {name!r}, which the base has.")
+        t = self._same_shape(_finite(self.tuned.get(name), name, tuned_path), stored, name)
+        return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
+
+    def _same_shape(self, t: torch.Tensor, stored: torch.Tensor, name: str) -> torch.Tensor:
         if t.shape != stored.shape:
             raise CheckpointError(
                 f"{self.tuned_source.path}: tensor {name!r} has shape {tuple(t.shape)}, but the base has "
                 f"{tuple(stored.shape)}; was it fine-tuned from another base model?"
             )
-        return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
+        return t
+
+
+def _finite(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values.")
+    return t
 
 
 def _compile(modules: str | None) -> re.Pattern[str] | None:

@@ -72,3 +72,28 @@ def test_patched_embedded_default_still_generates(smollm2, smollm2_adapter, tmp_
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
     assert "Paris" in _generate(smollm2)
     assert "Paris" in _generate(out)
+
+
+def test_five_point_sweep_on_embedded_default(tmp_path):
+    from repair.demo import demo_dir
+
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0,0.25,0.5,0.75,1",
+                                    "--task", "addition", "--forgetting", "base-samples:32", "--limit", "100",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "sweep.json").read_text())
+    assert [p["scale"] for p in report["points"]] == [0, 0.25, 0.5, 0.75, 1]
+    assert report["tuned"]["accuracy"] > report["base"]["accuracy"] + 0.3  # the adapter learned the task
+    assert report["tuned"]["forgetting_delta"] > 0  # and forgot some of the base distribution
+    assert (out / "tradeoff.png").is_file()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "100"])
+    assert res.exit_code == 0, res.output
+    assert "intruder dimensions" in res.output and "Scaling them to λ=" in res.output
+    for f in ["detect.json", "sweep/sweep.json", "sweep/tradeoff.png", "figures/similarity.png",
+              "sweep/picked/model.safetensors", "sweep/picked/repair_report.json"]:
+        assert (out / f).is_file(), f

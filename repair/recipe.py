@@ -1,0 +1,96 @@
+"""Fine-tuning recipes: validated YAML (pydantic) for LoRA and full fine-tunes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import RepairError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraRecipe(_Strict):
+    r: int = Field(ge=1)
+    alpha: float | Literal["2r"] = Field("2r", description="a number, or '2r' as in the paper")
+    rslora: bool = False
+    target_modules: list[str] = Field(min_length=1)
+    train_b_only: bool = Field(False, description="freeze A with all singular values 1 and train B (Fig. 10)")
+
+    @property
+    def lora_alpha(self) -> float:
+        return 2.0 * self.r if self.alpha == "2r" else float(self.alpha)
+
+
+class GeneratedData(_Strict):
+    task: Literal["addition"]
+    n: int = Field(gt=0)
+    seed: int = 0
+
+
+class DataRecipe(_Strict):
+    generated: GeneratedData | None = None
+    jsonl: Path | None = Field(None, description="records with 'prompt' and 'completion'")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataRecipe:
+        if (self.generated is None) == (self.jsonl is None):
+            raise ValueError("give exactly one of 'generated' or 'jsonl'")
+        return self
+
+
+class TrainRecipe(_Strict):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(16, gt=0)
+    learning_rate: float = Field(gt=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(64, gt=1)
+    save_steps: list[int] = Field(default_factory=list, description="also save checkpoints at these steps")
+    logging_steps: int = Field(10, gt=0)
+
+
+class Recipe(_Strict):
+    name: str
+    base: str = "smollm2-135m"
+    method: Literal["lora", "full"]
+    seed: int = 0
+    lora: LoraRecipe | None = None
+    data: DataRecipe
+    train: TrainRecipe
+    eval_task: str | None = Field("addition", description="lm-eval task for recipes/README.md measurements")
+
+    @model_validator(mode="after")
+    def _lora_iff_method(self) -> Recipe:
+        if (self.method == "lora") != (self.lora is not None):
+            raise ValueError("method 'lora' needs a 'lora' section, and only it")
+        if any(s > self.train.steps for s in self.train.save_steps):
+            raise ValueError("train.save_steps must not exceed train.steps")
+        return self
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Parse and validate a recipe; errors name the file and the offending field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RepairError(f"{path}: cannot be read ({e.strerror}).") from e
+    except yaml.YAMLError as e:
+        raise RepairError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from e
+    if not isinstance(data, dict):
+        raise RepairError(f"{path}: expected a mapping of recipe fields at the top level.")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "recipe"
+        raise RepairError(f"{path}: {where}: {err['msg']}.") from e
+    if recipe.data.jsonl is not None and not recipe.data.jsonl.is_absolute():
+        recipe.data.jsonl = (path.parent / recipe.data.jsonl).resolve()
+    return recipe

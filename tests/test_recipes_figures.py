@@ -1,0 +1,148 @@
+"""Recipes (validation, a 5-step fine-tune of a tiny model) and `repair figures` on a tiny pair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from repair.cli import main
+from repair.errors import RepairError
+from repair.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe_dict(base: Path, **over) -> dict:
+    d = {"name": "tiny", "base": str(base), "method": "lora", "seed": 0,
+         "lora": {"r": 2, "alpha": "2r", "target_modules": ["q_proj", "v_proj"]},
+         "data": {"generated": {"task": "addition", "n": 40}},
+         "train": {"steps": 5, "batch_size": 4, "learning_rate": 1e-2, "max_length": 40, "save_steps": [2, 5],
+                   "logging_steps": 1}}
+    d.update(over)
+    return d
+
+
+def write(tmp_path: Path, d: dict, name="r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.base == "smollm2-135m"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(method="lora", lora=None), "needs a 'lora' section"),
+    (lambda d: d["lora"].update(rank=2), "lora.rank: Extra inputs are not permitted"),
+    (lambda d: d["lora"].update(r=0), "lora.r"),
+    (lambda d: d["train"].update(save_steps=[9]), "save_steps"),
+    (lambda d: d.update(data={}), "exactly one of 'generated' or 'jsonl'"),
+    (lambda d: d.update(method="qlora"), "method"),
+])
+def test_recipe_errors_are_clear(tmp_path, edit, message):
+    d = recipe_dict(tmp_path)
+    edit(d)
+    with pytest.raises(RepairError, match=message) as e:
+        load_recipe(write(tmp_path, d))
+    assert str(tmp_path / "r.yaml") in str(e.value)
+
+
+def test_recipe_bad_yaml_via_cli(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    res = CliRunner().invoke(main, ["finetune", str(bad), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "not valid YAML" in res.output and not (tmp_path / "o").exists()
+
+
+def test_alpha_2r():
+    from repair.recipe import LoraRecipe
+
+    assert LoraRecipe(r=4, target_modules=["q_proj"]).lora_alpha == 8.0
+    assert LoraRecipe(r=4, alpha=16, target_modules=["q_proj"]).lora_alpha == 16.0
+
+
+def test_five_step_lora_finetune_of_a_tiny_model(llama_base, tmp_path):
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(main, ["finetune", str(write(tmp_path, recipe_dict(llama_base))), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000005"]
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["lora_alpha"] == 4
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in final.items())  # B moved from 0
+    res = CliRunner().invoke(main, ["detect", str(llama_base), str(out / "adapter")])
+    assert res.exit_code == 0, res.output
+
+
+def test_train_b_only_freezes_orthonormal_a(llama_base, tmp_path):
+    d = recipe_dict(llama_base)
+    d["lora"]["train_b_only"] = True
+    out = tmp_path / "ftb"
+    assert CliRunner().invoke(main, ["finetune", str(write(tmp_path, d)), "--out", str(out)]).exit_code == 0
+    early = load_file(str(out / "checkpoints" / "step-000002" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    for k, A in final.items():
+        if "lora_A" in k:
+            assert torch.equal(A, early[k])
+            assert torch.allclose(A @ A.T, torch.eye(A.shape[0]), atol=1e-5)  # singular values 1
+
+
+def test_full_finetune_writes_a_model(llama_base, tmp_path):
+    d = recipe_dict(llama_base, method="full", lora=None)
+    d["train"].update(steps=3, save_steps=[], learning_rate=1e-3)
+    out = tmp_path / "full"
+    res = CliRunner().invoke(main, ["finetune", str(write(tmp_path, d)), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["detect", str(llama_base), str(out / "model"), "--json", str(tmp_path / "d.json")])
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "d.json").read_text())["matrices"]) == 14
+
+
+def test_figures_on_a_tiny_pair(llama_base, tmp_path):
+    ft = tmp_path / "ft"
+    CliRunner().invoke(main, ["finetune", str(write(tmp_path, recipe_dict(llama_base))), "--out", str(ft)])
+    out = tmp_path / "fig"
+    res = CliRunner().invoke(main, ["figures", str(llama_base), str(ft / "adapter"), "--out", str(out),
+                                    "--k-max", "20", "--checkpoints", str(ft / "checkpoints")])
+    assert res.exit_code == 0, res.output
+    for name in ["similarity", "intruders_vs_epsilon", "intruders_vs_k", "effective_rank", "training_intruders"]:
+        assert (out / f"{name}.png").stat().st_size > 5000, name
+
+
+def test_intruder_curves_count_what_detect_counts(llama_base, llama_adapter):
+    from repair.detector import DetectOptions, detect
+    from repair.figures import collect
+
+    stats = collect(str(llama_base), str(llama_adapter), 10, 20, DetectOptions())
+    for eps in (0.3, 0.5, 0.7):
+        expected = detect(str(llama_base), str(llama_adapter), DetectOptions(epsilon=eps)).total_intruders
+        assert sum(int((m.max_cos[:10] < eps).sum()) for m in stats) == expected
+    assert sum(int((m.max_cos[:20] < 0.5).sum()) for m in stats) == \
+        detect(str(llama_base), str(llama_adapter), DetectOptions(top_k=20)).total_intruders
+
+
+def test_bundled_demo_adapter_matches_its_recipe():
+    from repair.adapter import LoraAdapter
+    from repair.demo import demo_dir
+
+    d = demo_dir()
+    assert (d / "recipe.yaml").read_text() == (ROOT / "recipes" / "smollm2-addition-lora-r1-a16.yaml").read_text()
+    recipe = load_recipe(d / "recipe.yaml")
+    adapter = LoraAdapter(d)
+    assert adapter.config.r == recipe.lora.r and adapter.config.lora_alpha == recipe.lora.lora_alpha
+    assert sorted(adapter.config.target_modules) == sorted(recipe.lora.target_modules)
+    assert len(adapter.modules) == 30 * 7 and adapter.config.base_model_name_or_path == "smollm2-135m"
+    log = json.loads((d / "training_log.json").read_text())
+    assert log[-1]["step"] == recipe.train.steps
+    assert sum(p.stat().st_size for p in d.iterdir()) < 10 * 2**20
