@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,12 +15,12 @@ from repair.writer import TMP_MARKER
 
 
 def medium_llama():
-    """About 40 MB of float32 weights: large enough that writing takes a measurable time."""
+    """About 150 MB of float32 weights: large enough that writing takes a measurable time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=4096, hidden_size=256, intermediate_size=1024,
-                                        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+    return LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=2048,
+                                        num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
                                         tie_word_embeddings=False))
 
 
@@ -35,22 +34,42 @@ def medium(tmp_path_factory):
 
 def _patch_cmd(base, adapter, out):
     return [sys.executable, "-m", "repair.cli", "patch", str(base), str(adapter), "--scale", "0",
-            "--out", str(out), "--max-shard-size", "2MB"]
+            "--out", str(out), "--max-shard-size", "4MB"]
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.3, 0.8])
-def test_sigkill_mid_write_leaves_no_output(medium, tmp_path, delay):
+def _start_and_wait_for_writing(base, adapter, folder):
+    """Start `repair patch` and return (process, time writing began) once its temporary folder exists."""
+    out = folder / "out"
+    proc = subprocess.Popen(_patch_cmd(base, adapter, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(folder.glob(f".out{TMP_MARKER}*")):
+        assert proc.poll() is None, "finished before writing was seen"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return proc, time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def write_seconds(medium, tmp_path_factory):
+    """How long one uninterrupted run takes from creating its temporary folder to renaming it into place."""
+    folder = tmp_path_factory.mktemp("timing")
+    proc, began = _start_and_wait_for_writing(*medium, folder)
+    while not (folder / "out").exists():
+        assert proc.poll() in (None, 0)
+        time.sleep(0.002)
+    elapsed = time.monotonic() - began
+    assert proc.wait() == 0
+    return elapsed
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.35, 0.6])
+def test_sigkill_mid_write_leaves_no_output(medium, write_seconds, tmp_path, fraction):
     base, adapter = medium
     out = tmp_path / "out"
-    proc = subprocess.Popen(_patch_cmd(base, adapter, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(f".out{TMP_MARKER}*")):  # wait until writing has begun
-        assert proc.poll() is None, "finished before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    time.sleep(delay)
-    assert proc.poll() is None, "finished before it could be interrupted: make the model larger"
+    assert write_seconds > 0.5, f"writing took {write_seconds:.2f} s: too short to interrupt reliably"
+    proc, began = _start_and_wait_for_writing(base, adapter, tmp_path)
+    time.sleep(max(0.0, began + fraction * write_seconds - time.monotonic()))
+    assert proc.poll() is None, "finished before it could be interrupted"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
