@@ -48,9 +48,9 @@ def make_patch(tuned_svd: SVD, intruders: list[int], scale: float) -> MatrixPatc
 
 
 def apply_patch(tuned: torch.Tensor, patch: MatrixPatch) -> torch.Tensor:
-    """W' in float32; λ = 1 or no intruders returns W_tuned unchanged."""
-    W = tuned.float()
-    return W if patch.is_noop else W + patch.correction()
+    """W' in float32 (float64 stays float64); λ = 1 or no intruders returns W_tuned unchanged."""
+    W = tuned if tuned.dtype == torch.float64 else tuned.float()
+    return W if patch.is_noop else W + patch.correction().to(W.dtype)
 
 
 def _split(coeff: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -146,3 +146,19 @@ def test_bundled_demo_adapter_matches_its_recipe():
     log = json.loads((d / "training_log.json").read_text())
     assert log[-1]["step"] == recipe.train.steps
     assert sum(p.stat().st_size for p in d.iterdir()) < 10 * 2**20
+
+
+def test_demo_retrain_uses_the_bundled_recipe(monkeypatch, tmp_path):
+    import repair.finetune
+    from repair import demo
+
+    seen = {}
+
+    def fake_finetune(recipe, out, overwrite=False):
+        seen.update(recipe=recipe, out=out, overwrite=overwrite)
+        return out / "adapter"
+
+    monkeypatch.setattr(repair.finetune, "finetune", fake_finetune)
+    assert demo._retrain(tmp_path) == tmp_path / "retrained" / "adapter"
+    assert seen["recipe"] == load_recipe(ROOT / "recipes" / "smollm2-addition-lora-r1-a16.yaml")
+    assert seen["out"] == tmp_path / "retrained" and seen["overwrite"]
