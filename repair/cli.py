@@ -240,6 +240,10 @@ def figures(base, tuned, out, k_max, checkpoints, top_k, epsilon, side, modules,
 @_handle_errors
 def demo(out, retrain, limit):
     """Detect, sweep and patch the bundled LoRA adapter of the embedded default model (SmolLM2-135M)."""
+    import os
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the demo's data is all local: never wait on a hub
+        os.environ.setdefault(var, "1")
     from evals.results import markdown_table
 
     from .demo import run_demo
