@@ -162,3 +162,20 @@ def test_demo_retrain_uses_the_bundled_recipe(monkeypatch, tmp_path):
     assert demo._retrain(tmp_path) == tmp_path / "retrained" / "adapter"
     assert seen["recipe"] == load_recipe(ROOT / "recipes" / "smollm2-addition-lora-r1-a16.yaml")
     assert seen["out"] == tmp_path / "retrained" and seen["overwrite"]
+
+
+def test_jsonl_data_path_is_relative_to_the_recipe(llama_base, tmp_path):
+    rows = [{"prompt": f"{a} plus {a} is", "completion": f" {2 * a}"} for a in range(12)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = recipe_dict(llama_base, data={"jsonl": "data.jsonl"})
+    d["train"].update(steps=2, save_steps=[])
+    recipe = load_recipe(write(tmp_path, d))
+    assert recipe.data.jsonl == (tmp_path / "data.jsonl").resolve()
+    from repair.finetune import training_rows
+
+    assert training_rows(recipe) == rows
+    res = CliRunner().invoke(main, ["finetune", str(write(tmp_path, d)), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "data.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(RepairError, match="'prompt' and 'completion'"):
+        training_rows(load_recipe(write(tmp_path, d)))
