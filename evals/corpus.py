@@ -79,8 +79,7 @@ def base_samples(model, tok, model_key: str, n: int = DEFAULT_SAMPLES, tokens: i
         out = model.generate(torch.tensor([[start]], device=next(model.parameters()).device), do_sample=True,
                              top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=tokens,
                              num_return_sequences=n, pad_token_id=tok.eos_token_id)
-    docs = [t for t in tok.batch_decode(out[:, 1:], skip_special_tokens=True)]
-    docs = [d for d in docs if d.strip()]
+    docs = [d for d in tok.batch_decode(out[:, 1:], skip_special_tokens=True) if d.strip()]
     write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     logger.info("cached %d base samples at %s", len(docs), path)
     return docs

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,14 +134,6 @@ class CheckpointReader:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e}).") from e
 
-    def metadata(self) -> dict[str, str]:
-        """The ``__metadata__`` of the first file."""
-        return dict(self._open(self.files[0]).metadata() or {})
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in self.names():
-            yield name, self.get(name)
-
 
 class _PickleHandle:
     """The subset of safetensors' ``safe_open`` API over an already-loaded state dict."""
@@ -159,6 +150,3 @@ class _PickleHandle:
     def get_slice(self, name: str) -> SimpleNamespace:
         shape = list(self._state[name].shape)
         return SimpleNamespace(get_shape=lambda: shape)
-
-    def metadata(self) -> dict[str, str]:
-        return {}

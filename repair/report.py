@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -72,10 +71,6 @@ class DetectionReport(BaseModel):
     def write_json(self, path: Path) -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""
         write_text_atomic(Path(path), self.model_dump_json(indent=2) + "\n")
-
-    @classmethod
-    def read_json(cls, path: Path) -> DetectionReport:
-        return cls.model_validate(json.loads(Path(path).read_text()))
 
     def worst(self, n: int) -> list[MatrixReport]:
         """Matrices with the most intruders, then the lowest similarity among their top k."""

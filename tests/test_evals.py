@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,16 @@ def test_compare_table(llama_base, llama_adapter, mc_task, corpus_file, tmp_path
     assert all(r["scores"]["tiny_add"]["stderr"] is not None for r in report["rows"])
     assert "| model | tiny_add | forgetting NLL |" in res.output
     assert report["rows"][0]["forgetting_nll"] != report["rows"][1]["forgetting_nll"]
+
+
+def test_shipped_addition_task_is_the_generator_output(tmp_path):
+    from importlib import resources
+
+    from evals.taskgen import addition_examples, materialize_task, write_jsonl
+
+    write_jsonl(addition_examples("test", 500), tmp_path / "regen.jsonl")
+    shipped = resources.files("evals.tasks") / "addition_test.jsonl"
+    assert (tmp_path / "regen.jsonl").read_text() == shipped.read_text()
+    train = {r["prompt"] for r in addition_examples("train", 7000)}
+    assert not train & {r["prompt"] for r in addition_examples("test", 1000)}  # disjoint splits
+    assert str(Path(str(shipped)).resolve()) in materialize_task("addition").read_text()
