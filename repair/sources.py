@@ -71,7 +71,7 @@ def embedded_path(name: str) -> Path:
 
 
 def ensure_embedded(name: str) -> Path:
-    """The cached safetensors folder of an embedded model, built on first use (about 35 s)."""
+    """The cached safetensors folder of an embedded model, built on first use (about 20-35 s)."""
     target = embedded_path(name)
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
