@@ -16,10 +16,9 @@ from repair import __version__
 from repair.detector import DetectOptions
 from repair.errors import RepairError
 from repair.inplace import InPlacePatcher
-from repair.pairs import PairSource
 from repair.plan import check_scale
 from repair.report import write_text_atomic
-from repair.sources import ModelSource, resolve
+from repair.sources import ModelSource
 
 from .accuracy import evaluate, make_lm
 from .corpus import load_corpus
@@ -142,7 +141,7 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
 def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
     opts.validate()
-    src = PairSource(resolve(base), resolve(tuned), opts.detect.modules, opts.detect.allow_pickle)
+    src = opts.detect.pairs(base, tuned)
     model, tok, base_src = load_model(base)
     docs = load_corpus(opts.forgetting, model, tok, json.dumps(_fingerprint(base_src)))
     args = _arguments(base, tuned, opts)

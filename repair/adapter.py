@@ -6,20 +6,29 @@ Everything here is expressed in the (out_features, in_features) orientation of `
 
 from __future__ import annotations
 
+import json
 import logging
-import math
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .adapter_settings import (
+    ADAPTER_CONFIG,
+    AdapterSettings,
+    cached_settings,
+    load_lora_config,
+    resolve_with_peft,
+    settings_key,
+    store_settings,
+)
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\."
     r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
@@ -45,49 +54,62 @@ class LoraModule:
         return "lora_magnitude_vector" in self.keys
 
 
-def load_lora_config(path: Path):
-    """Parse ``adapter_config.json`` with peft and check it is a LoRA adapter."""
-    from peft import LoraConfig, PeftConfig
-
-    cfg_file = path / ADAPTER_CONFIG
-    try:
-        config = PeftConfig.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - peft raises ValueError, TypeError, JSONDecodeError...
-        raise CheckpointError(f"{cfg_file}: not a valid PEFT adapter config ({e}).") from e
-    peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA" or not isinstance(config, LoraConfig):
-        raise CheckpointError(f"{cfg_file}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
-    if getattr(config, "layer_replication", None):
-        raise CheckpointError(f"{cfg_file}: layer_replication is not supported.")
-    return config
-
-
-def _rank_and_scaling(config, module: str) -> tuple[int, float]:
-    """Per-module r and scaling exactly as peft resolves ``rank_pattern``/``alpha_pattern``."""
-    from peft.utils.other import get_pattern_key
-
-    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-    return int(r), float(scaling)
-
-
 class LoraAdapter:
-    """A PEFT LoRA adapter folder, read lazily tensor by tensor."""
+    """A PEFT LoRA adapter folder, read lazily tensor by tensor.
 
-    def __init__(self, path: Path | str, allow_pickle: bool = False):
+    Module names come from the tensor names alone; ranks and scalings need the config, which
+    peft resolves on first use (``settings``), from the cache when it has seen this config before.
+    """
+
+    def __init__(self, path: Path | str, allow_pickle: bool = False, settings_cache: Path | None = None):
         self.path = Path(path)
-        self.config = load_lora_config(self.path)
+        cfg = self.path / ADAPTER_CONFIG
+        try:  # a syntax check now; peft parses it on first use of ``settings``
+            json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{cfg}: not a valid PEFT adapter config ({e}).") from e
         self.reader = CheckpointReader(self.path, prefix="adapter_model", allow_pickle=allow_pickle)
-        self.modules: dict[str, LoraModule] = self._parse_modules()
-        if not self.modules:
+        self.module_keys: dict[str, dict[str, str]] = self._parse_keys()
+        if not self.module_keys:
+            load_lora_config(self.path)  # a config peft rejects is the better explanation
             raise CheckpointError(f"{self.path}: the adapter holds no LoRA weights.")
+        self.settings_cache = settings_cache
+        self._settings: AdapterSettings | None = None
+        self._modules: dict[str, LoraModule] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def settings_known(self) -> bool:
+        """Whether the settings are resolved or remembered, so ``settings`` will not import peft."""
+        if self._settings is None:
+            key = settings_key(self.path, list(self.module_keys))
+            self._settings = cached_settings(self.settings_cache, key)
+        return self._settings is not None
+
+    @property
+    def settings(self) -> AdapterSettings:
+        with self._lock:  # a background thread may be resolving them already
+            if not self.settings_known:
+                self._settings = resolve_with_peft(self.path, list(self.module_keys))
+                store_settings(self.settings_cache, settings_key(self.path, list(self.module_keys)), self._settings)
+            return self._settings
+
+    @property
+    def config(self):
+        """The peft ``LoraConfig`` (imports peft)."""
+        return load_lora_config(self.path)
 
     @property
     def fan_in_fan_out(self) -> bool:
-        return bool(self.config.fan_in_fan_out)
+        return self.settings.fan_in_fan_out
 
-    def _parse_modules(self) -> dict[str, LoraModule]:
+    @property
+    def modules(self) -> dict[str, LoraModule]:
+        if self._modules is None:
+            self._modules = {mod: self._module(mod, keys) for mod, keys in self.module_keys.items()}
+        return self._modules
+
+    def _parse_keys(self) -> dict[str, dict[str, str]]:
         parts: dict[str, dict[str, str]] = {}
         self.replaced: dict[str, str] = {}  # modules_to_save: model tensor name -> adapter key
         for name in self.reader.names():
@@ -99,14 +121,14 @@ class LoraAdapter:
                                self.path, name)
             else:
                 parts.setdefault(m["module"], {})[m["part"]] = name
-        return {mod: self._module(mod, keys) for mod, keys in sorted(parts.items())}
+        return dict(sorted(parts.items()))
 
     def _module(self, module: str, keys: dict[str, str]) -> LoraModule:
         a_key = keys.get("lora_A") or keys.get("lora_embedding_A")
         b_key = keys.get("lora_B") or keys.get("lora_embedding_B")
         if a_key is None or b_key is None:
             raise CheckpointError(f"{self.path}: module {module} has only one of its lora_A/lora_B factors.")
-        r, scaling = _rank_and_scaling(self.config, module)
+        r, scaling = self.settings.modules[module]
         stored_r = self.reader.shape(a_key)[0]
         if stored_r != r:
             raise CheckpointError(

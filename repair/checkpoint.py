@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,13 +23,55 @@ logger = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
+MEMO_MIN_BYTES = 64 << 20  # files this large have their hash remembered
+HASH_MEMO = "file-hashes.json"
+
+
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks.
+
+    For large files the result is remembered in the cache folder under the file's path, size,
+    modification time and inode (as git's index does), so provenance does not re-read a model
+    that has not changed.
+    """
+    path = Path(path)
+    st = path.stat()
+    stamp = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    memo = _hash_memo() if st.st_size >= MEMO_MIN_BYTES else None
+    key = str(path.resolve())
+    if memo is not None and memo.get(key, {}).get("stamp") == stamp:
+        return memo[key]["sha256"]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    if memo is not None:
+        _store_hash(key, stamp, h.hexdigest())
     return h.hexdigest()
+
+
+def _memo_path() -> Path:
+    from .sources import cache_dir
+
+    return cache_dir() / HASH_MEMO
+
+
+def _hash_memo() -> dict:
+    try:
+        return json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_hash(key: str, stamp: str, digest: str) -> None:
+    from .report import write_text_atomic
+
+    memo = _hash_memo()
+    memo[key] = {"stamp": stamp, "sha256": digest}
+    try:
+        write_text_atomic(_memo_path(), json.dumps(memo, indent=1, sort_keys=True))
+    except OSError as e:
+        logger.debug("could not remember the hash of %s (%s)", key, e)
 
 
 def _weight_map_from_index(index: Path) -> dict[str, Path]:
@@ -76,6 +119,7 @@ class CheckpointReader:
 
     def __init__(self, path: Path | str, prefix: str = "", allow_pickle: bool = False):
         self.path = Path(path)
+        self._lock = threading.RLock()  # one open shard, shared by worker threads
         self._open_path: Path | None = None
         self._handle = None
         self._files: dict[str, Path] = self._discover(prefix, allow_pickle)
@@ -122,7 +166,8 @@ class CheckpointReader:
         return name in self._files
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+        with self._lock:
+            return tuple(self._open(self._files[name]).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""
@@ -130,7 +175,8 @@ class CheckpointReader:
         if path is None:
             raise CheckpointError(f"{self.path}: has no tensor named {name!r}.")
         try:
-            return self._open(path).get_tensor(name)
+            with self._lock:
+                return self._open(path).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e}).") from e
 

@@ -48,8 +48,24 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+_DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device")
+
+
 def _detect_options(f):
-    """The detector's options, shared by the commands that detect before they act."""
+    """The detector's options, shared by the commands that detect before they act.
+
+    The command receives them as one ``detect_opts`` (a ``DetectOptions``).
+    """
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from .detector import DetectOptions
+
+        p = {name: kwargs.pop(name) for name in _DETECT_PARAMS}
+        kwargs["detect_opts"] = DetectOptions(
+            top_k=p["top_k"], epsilon=p["epsilon"], side=p["side"], modules=p["modules"],
+            allow_pickle=p["allow_pickle"], cache=not p["no_cache"], threads=p["threads"], device=p["device"])
+        return f(*args, **kwargs)
+
     for opt in reversed([
         click.option("--top-k", default=10, show_default=True, type=int, help="Tuned singular vectors to examine."),
         click.option("--epsilon", default=0.5, show_default=True, type=float, help="Cosine threshold in (0, 1]."),
@@ -57,9 +73,13 @@ def _detect_options(f):
                      help="Compare left, right, or both singular vectors."),
         click.option("--modules", default=None, help="Regex on base tensor names (default: all but embeddings/heads)."),
         click.option("--allow-pickle", is_flag=True, help="Also read *.bin/*.pt checkpoints (pickle can run code)."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor store base spectra (see `repair cache`)."),
+        click.option("--threads", default=0, show_default=True, type=int,
+                     help="Matrices processed side by side (0: one per core)."),
+        click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda."),
     ]):
-        f = opt(f)
-    return f
+        wrapper = opt(wrapper)
+    return wrapper
 
 
 @main.command()
@@ -72,17 +92,15 @@ def _detect_options(f):
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an editable patch plan for `repair patch --plan`.")
 @_handle_errors
-def detect(base, tuned, top_k, epsilon, side, modules, allow_pickle, json_path, fail_above, worst, plan_out):
+def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out):
     """Find intruder dimensions of TUNED (a LoRA adapter or a full checkpoint) against BASE.
 
     BASE and TUNED are local folders, hub ids, or an embedded model name (smollm2-135m).
     """
-    from .detector import DetectOptions
     from .detector import detect as run_detect
     from .report import render_table
 
-    opts = DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules, allow_pickle=allow_pickle)
-    report = run_detect(base, tuned, opts)
+    report = run_detect(base, tuned, detect_opts)
     click.echo(render_table(report, worst=worst))
     if json_path is not None:
         report.write_json(json_path)
@@ -111,21 +129,18 @@ def detect(base, tuned, top_k, epsilon, side, modules, allow_pickle, json_path, 
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @_handle_errors
-def patch(base, tuned, scale, top_k, epsilon, side, modules, allow_pickle, out, fmt, max_shard_size, plan,
-          allow_amplify, overwrite):
+def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow_amplify, overwrite):
     """Rescale the intruder singular values of TUNED and write a patched checkpoint to --out.
 
     W' = W_tuned + sum over intruders of (λ - 1) σ u vᵀ, from the SVD of W_tuned.
     """
-    from .detector import DetectOptions
     from .patcher import PatchOptions
     from .patcher import patch as run_patch
     from .writer import parse_size
 
     opts = PatchOptions(
         out=out, scale=scale, format=fmt, max_shard_size=parse_size(max_shard_size), plan=plan,
-        allow_amplify=allow_amplify, overwrite=overwrite,
-        detect=DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules, allow_pickle=allow_pickle),
+        allow_amplify=allow_amplify, overwrite=overwrite, detect=detect_opts,
     )
     report = run_patch(base, tuned, opts)
     click.echo(f"Patched {report.patched_matrices} of {report.examined_matrices} matrices "
@@ -161,17 +176,14 @@ def _scales(ctx, param, value: str) -> tuple[float, ...]:
 @_detect_options
 @_handle_errors
 def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked, batch_size, allow_amplify,
-          top_k, epsilon, side, modules, allow_pickle):
+          detect_opts):
     """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
     from evals.results import markdown_table
     from evals.sweep import SweepOptions, run_sweep
 
-    from .detector import DetectOptions
-
     opts = SweepOptions(out=out, scales=scales, task=task, forgetting=forgetting, limit=limit, pick=pick,
                         write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
-                        detect=DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules,
-                                             allow_pickle=allow_pickle))
+                        detect=detect_opts)
     report = run_sweep(base, tuned, opts)
     click.echo(markdown_table(report))
     if report.pick is not None:
@@ -222,13 +234,11 @@ def finetune(recipe, out, overwrite):
               help="Folder of step-N checkpoints (from `repair finetune`) for the Fig. 7 plot.")
 @_detect_options
 @_handle_errors
-def figures(base, tuned, out, k_max, checkpoints, top_k, epsilon, side, modules, allow_pickle):
+def figures(base, tuned, out, k_max, checkpoints, detect_opts):
     """Draw the paper's diagnostics for BASE vs TUNED: similarity matrix, ε and k curves, effective rank."""
-    from .detector import DetectOptions
     from .figures import make_figures
 
-    opts = DetectOptions(top_k=top_k, epsilon=epsilon, side=side, modules=modules, allow_pickle=allow_pickle)
-    for f in make_figures(base, tuned, out, top_k, k_max, opts, checkpoints):
+    for f in make_figures(base, tuned, out, detect_opts.top_k, k_max, detect_opts, checkpoints):
         click.echo(f"wrote {f}")
 
 
@@ -256,6 +266,39 @@ def demo(out, retrain, limit):
     click.echo(f"Sweep: {out / 'sweep' / 'sweep.json'} and {out / 'sweep' / 'tradeoff.png'}")
     click.echo(f"Figures: {out / 'figures'}")
     click.echo("\n" + result.verdict())
+
+
+
+
+@main.group()
+def cache() -> None:
+    """Manage the cache: base spectra, resolved adapter configs, file hashes, converted models."""
+
+
+@cache.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
+@_handle_errors
+def cache_ls(as_json):
+    """Show what the cache holds and how much space each part takes."""
+    from .cache import cache_report
+
+    report = cache_report()
+    click.echo(report.model_dump_json(indent=2) if as_json else report.render())
+
+
+@cache.command("clear")
+@click.option("--models", "with_models", is_flag=True, help="Also delete converted embedded models.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_handle_errors
+def cache_clear(with_models, yes):
+    """Delete computed entries (spectra, adapter settings, file hashes); models only with --models."""
+    from .cache import cache_report, clear_cache
+
+    report = cache_report()
+    if not yes:
+        click.confirm(f"Delete {report.describe(with_models)} from {report.folder}?", abort=True)
+    freed = clear_cache(with_models)
+    click.echo(f"Freed {freed / 2**20:.1f} MiB in {report.folder}.")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -11,10 +13,13 @@ from tqdm.auto import tqdm
 from . import __version__
 from .archs import module_type
 from .errors import RepairError
-from .linalg import SVD, effective_rank, lowrank_singular_values, max_abs_cos, svd
+from .linalg import effective_rank, lowrank_singular_values
 from .pairs import MatrixPair, PairSource
+from .pipeline import default_workers, ordered_batches, resolve_device
 from .report import DetectionReport, MatrixReport, Side
 from .sources import resolve
+from .spectra import BaseSpectrum, SpectraCache, compute_spectrum
+from .topk import LowRankProblem, TopK, dense_topk, structured_topk_many
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +31,10 @@ class DetectOptions:
     side: Side = "left"
     modules: str | None = None
     allow_pickle: bool = False
+    cache: bool = True  # reuse and store base spectra in the cache folder
+    threads: int = 0  # matrices processed side by side; 0 = one per core
+    device: str = "auto"  # where the linear algebra runs: auto, cpu, cuda
+    batch_bytes: int = 64 << 20  # base weights per batch of matrices solved together
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -34,36 +43,86 @@ class DetectOptions:
             raise RepairError(f"--epsilon: expected a number in (0, 1], got {self.epsilon}.")
         if self.side not in ("left", "right", "both"):
             raise RepairError(f"--side: expected left, right or both, got {self.side!r}.")
+        if self.threads < 0:
+            raise RepairError(f"--threads: expected an integer >= 0 (0 = one per core), got {self.threads}.")
+        resolve_device(self.device)
+
+    @property
+    def workers(self) -> int:
+        return self.threads or default_workers()
+
+    def spectra(self) -> SpectraCache:
+        return SpectraCache.default() if self.cache else SpectraCache(None)
+
+    def pairs(self, base: str, tuned: str) -> PairSource:
+        """The matrix pairs of BASE and TUNED, with the spectra cache these options ask for."""
+        return PairSource(resolve(base), resolve(tuned), self.modules, self.allow_pickle, self.spectra())
 
 
 @dataclass(frozen=True)
 class MatrixIntruders:
-    """Per-matrix detection result, with the tuned SVD kept for the editor."""
+    """Per-matrix detection result, with the tuned top-k triplets kept for the editor."""
 
     intruders: list[int]  # indices among the top k
     max_cos: torch.Tensor  # (k,) the decisive similarities
     max_cos_left: torch.Tensor | None  # (k,)
     max_cos_right: torch.Tensor | None  # (k,)
-    tuned_svd: SVD
-    base_svd: SVD
+    tuned: TopK  # at least k + 1 triplets when the matrix has them
+
+    @property
+    def degenerate(self) -> list[int]:
+        k = self.max_cos.shape[0]
+        return torch.nonzero(self.tuned.degenerate[:k]).flatten().tolist()
 
 
-def find_intruders(base: torch.Tensor, tuned: torch.Tensor, top_k: int = 10, epsilon: float = 0.5,
-                   side: Side = "left", base_svd: SVD | None = None) -> MatrixIntruders:
+def tuned_topk(base: torch.Tensor, tuned: torch.Tensor | Callable[[], torch.Tensor], k: int,
+               spectrum: BaseSpectrum | None = None,
+               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> TopK:
+    """The top-k triplets of ``tuned`` (out, in) with their base cosines.
+
+    With LoRA ``factors`` (tuned = base + B @ A) the structured path avoids the full SVD; otherwise,
+    or when it cannot decide a direction, the exact path runs. ``tuned`` may be a function that
+    builds the dense matrix, called only when the exact path needs it.
+    """
+    pair = MatrixPair("", tuple(base.shape), False, base, tuned, factors)
+    return tuned_topks([pair], [spectrum or compute_spectrum(base)], k)[0]
+
+
+def tuned_topks(pairs: list[MatrixPair], spectra: list[BaseSpectrum], k: int) -> list[TopK]:
+    """``tuned_topk`` for many pairs: the LoRA ones are solved in batches by shape and rank."""
+    lowrank = [i for i, p in enumerate(pairs) if p.factors is not None]
+    problems = [LowRankProblem(pairs[i].base, *pairs[i].factors, spectra[i]) for i in lowrank]
+    out: list[TopK | None] = [None] * len(pairs)
+    for i, t in zip(lowrank, structured_topk_many(problems, k), strict=True):
+        out[i] = t
+    for i, t in enumerate(out):
+        if t is None:
+            out[i] = dense_topk(pairs[i].tuned, pairs[i].base, spectra[i], k)
+    return out
+
+
+def intruders_in(t: TopK, top_k: int, epsilon: float, side: Side) -> MatrixIntruders:
+    """Definition 1 on computed triplets: the top-k vectors whose largest |cos| is below ε."""
+    k = min(top_k, t.S.shape[0])
+    left = t.cos_left[:k].amax(dim=1) if side in ("left", "both") else None  # (k,)
+    right = t.cos_right[:k].amax(dim=1) if side in ("right", "both") else None  # (k,)
+    decisive = left if right is None else right if left is None else torch.maximum(left, right)
+    intruders = torch.nonzero(decisive < epsilon).flatten().tolist()
+    return MatrixIntruders(intruders, decisive, left, right, t)
+
+
+def find_intruders(base: torch.Tensor, tuned: torch.Tensor | Callable[[], torch.Tensor], top_k: int = 10,
+                   epsilon: float = 0.5, side: Side = "left", spectrum: BaseSpectrum | None = None,
+                   factors: tuple[torch.Tensor, torch.Tensor] | None = None, keep: int = 0) -> MatrixIntruders:
     """Intruders of one (out, in) matrix pair.
 
     A top-k singular vector of ``tuned`` is an intruder when its largest |cos| with every
     singular vector of ``base`` is below ``epsilon``. With ``side="both"`` the left and right
-    similarities must both be below ``epsilon`` (the decisive value is their maximum).
+    similarities must both be below ``epsilon`` (the decisive value is their maximum). ``keep``
+    asks for more triplets than top_k + 1 (sweeps need 2k).
     """
-    b = base_svd or svd(base)
-    t = b if torch.equal(base, tuned) else svd(tuned)
-    k = min(top_k, t.S.shape[0])
-    left = max_abs_cos(t.U[:, :k], b.U) if side in ("left", "both") else None  # (k,)
-    right = max_abs_cos(t.Vh[:k].T, b.Vh.T) if side in ("right", "both") else None  # (k,)
-    decisive = left if right is None else right if left is None else torch.maximum(left, right)
-    intruders = torch.nonzero(decisive < epsilon).flatten().tolist()
-    return MatrixIntruders(intruders, decisive, left, right, t, b)
+    t = tuned_topk(base, tuned, max(keep, top_k + 1), spectrum, factors)
+    return intruders_in(t, top_k, epsilon, side)
 
 
 def delta_effective_rank(pair: MatrixPair) -> tuple[float, float]:
@@ -79,30 +138,63 @@ def _floats(t: torch.Tensor | None) -> list[float] | None:
     return None if t is None else [round(float(x), 6) for x in t]
 
 
-def analyse_pair(pair: MatrixPair, opts: DetectOptions) -> tuple[MatrixReport, MatrixIntruders]:
-    """Detect intruders in one matrix pair and describe them."""
-    found = find_intruders(pair.base, pair.tuned, opts.top_k, opts.epsilon, opts.side)
+def _report(pair: MatrixPair, found: MatrixIntruders) -> MatrixReport:
     erank, norm = delta_effective_rank(pair)
     k = found.max_cos.shape[0]
-    report = MatrixReport(
+    return MatrixReport(
         name=pair.name, module_type=module_type(pair.name), shape=list(pair.shape), transposed=pair.transposed,
         intruders=found.intruders, max_cos=_floats(found.max_cos), max_cos_left=_floats(found.max_cos_left),
-        max_cos_right=_floats(found.max_cos_right), sigma=_floats(found.tuned_svd.S[:k]),
+        max_cos_right=_floats(found.max_cos_right), sigma=_floats(found.tuned.S[:k]),
+        degenerate=found.degenerate, method=found.tuned.method,
         effective_rank_delta=round(erank, 6), delta_norm=round(norm, 6),
     )
-    return report, found
+
+
+def _on_device(pair: MatrixPair, spec: BaseSpectrum, dev: torch.device) -> tuple[MatrixPair, BaseSpectrum]:
+    if dev.type == "cpu":
+        return pair, spec
+    factors = None if pair.factors is None else (pair.factors[0].to(dev), pair.factors[1].to(dev))
+    moved = MatrixPair(pair.name, pair.shape, pair.transposed, pair.base.to(dev), lambda: pair.tuned.to(dev), factors)
+    return moved, spec.to(dev)
+
+
+def analyse_pairs(src: PairSource, names: list[str], opts: DetectOptions, keep: int = 0,
+                  top_k: int | None = None) -> list[tuple[MatrixPair, MatrixIntruders]]:
+    """Detect intruders in a batch of matrices (on ``opts.device``); results on the CPU, in order."""
+    dev = resolve_device(opts.device)
+    pairs = [src.pair(n) for n in names]
+    moved = [_on_device(p, src.spectrum(p), dev) for p in pairs]
+    top_k = opts.top_k if top_k is None else top_k
+    tops = tuned_topks([m[0] for m in moved], [m[1] for m in moved], max(keep, top_k + 1))
+    found = [intruders_in(t, top_k, opts.epsilon, opts.side) for t in tops]
+    return list(zip(pairs, found if dev.type == "cpu" else [_to_cpu(f) for f in found], strict=True))
+
+
+def _to_cpu(found: MatrixIntruders) -> MatrixIntruders:
+    def cpu(x):
+        return None if x is None else x.cpu()
+
+    return MatrixIntruders(found.intruders, cpu(found.max_cos), cpu(found.max_cos_left), cpu(found.max_cos_right),
+                           found.tuned.cpu())
+
+
+def analyse(src: PairSource, opts: DetectOptions, keep: int = 0,
+            top_k: int | None = None) -> Iterator[tuple[MatrixReport, MatrixIntruders]]:
+    """Every pair of ``src`` analysed in batches on all workers, in order."""
+    src.prefetch_spectra(opts.workers)
+    work = functools.partial(analyse_pairs, src, opts=opts, keep=keep, top_k=top_k)
+    results = ordered_batches(work, src.names, opts.workers, src.base_bytes, opts.batch_bytes)
+    for pair, found in tqdm(results, total=len(src), desc="detect", unit="matrix", disable=None):
+        yield _report(pair, found), found
 
 
 def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> DetectionReport:
     """Find intruder dimensions in every selected matrix of ``tuned`` against ``base``."""
     opts = opts or DetectOptions()
     opts.validate()
-    pairs = PairSource(resolve(base), resolve(tuned), opts.modules, opts.allow_pickle)
-    matrices = []
-    for pair in tqdm(pairs, total=len(pairs), desc="detect", unit="matrix", disable=None):
-        matrices.append(analyse_pair(pair, opts)[0])
-        logger.debug("%s: %d intruders", pair.name, len(matrices[-1].intruders))
+    src = opts.pairs(base, tuned)
+    matrices = [report for report, _ in analyse(src, opts)]
     return DetectionReport.build(
         matrices, tool_version=__version__, base=base, tuned=tuned, top_k=opts.top_k,
-        epsilon=opts.epsilon, side=opts.side, modules=opts.modules,
+        epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats,
     )

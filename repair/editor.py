@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import SVD, lowrank_singular_values
+from .linalg import lowrank_singular_values
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,9 @@ class MatrixPatch:
         return (self.U * self.coeff) @ self.Vh
 
 
-def make_patch(tuned_svd: SVD, intruders: list[int], scale: float) -> MatrixPatch:
+def make_patch(tuned, intruders: list[int], scale: float) -> MatrixPatch:
     idx = torch.tensor(intruders, dtype=torch.long)
-    return MatrixPatch(list(intruders), float(scale), tuned_svd.S[idx], tuned_svd.U[:, idx], tuned_svd.Vh[idx])
+    return MatrixPatch(list(intruders), float(scale), tuned.S[idx], tuned.U[:, idx], tuned.Vh[idx])
 
 
 def apply_patch(tuned: torch.Tensor, patch: MatrixPatch) -> torch.Tensor:

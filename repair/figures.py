@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .archs import module_type
-from .detector import DetectOptions, find_intruders
+from .detector import DetectOptions, analyse, find_intruders
 from .errors import RepairError
 from .pairs import PairSource
 from .sources import resolve
@@ -38,15 +38,10 @@ class MatrixStats:
 
 def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> list[MatrixStats]:
     """One SVD pass: everything the figures need for every selected matrix."""
-    from .detector import delta_effective_rank
-
-    pairs = PairSource(resolve(base), resolve(tuned), opts.modules, opts.allow_pickle)
     stats = []
-    for pair in tqdm(pairs, total=len(pairs), desc="figures", unit="matrix", disable=None):
-        found = find_intruders(pair.base, pair.tuned, k_max, opts.epsilon, opts.side)
-        sim = (found.tuned_svd.U[:, :k].T @ found.base_svd.U[:, :k]).abs().T  # (k base, k tuned)
-        stats.append(MatrixStats(pair.name, found.max_cos, found.tuned_svd.S[:k_max], sim,
-                                 delta_effective_rank(pair)[0]))
+    for report, found in analyse(opts.pairs(base, tuned), opts, top_k=k_max):
+        sim = found.tuned.cos_left[:k, :k].T  # (k base, k tuned)
+        stats.append(MatrixStats(report.name, found.max_cos, found.tuned.S[:k_max], sim, report.effective_rank_delta))
     return stats
 
 
@@ -126,12 +121,13 @@ def plot_training(base: str, checkpoints: Path, matrix: str, k: int, opts: Detec
     folders = sorted((p for p in checkpoints.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
     if not folders:
         raise RepairError(f"--checkpoints {checkpoints}: no step folders (e.g. step-000100) inside.")
-    rows = []
+    rows, spectra = [], opts.spectra()  # one base spectrum for every step
     for f in tqdm(folders, desc="checkpoints", unit="step", disable=None):
-        src = PairSource(resolve(base), resolve(str(f)), modules=f"^{re.escape(matrix)}$")
+        src = PairSource(resolve(base), resolve(str(f)), f"^{re.escape(matrix)}$", opts.allow_pickle, spectra)
         pair = next(iter(src))
-        found = find_intruders(pair.base, pair.tuned, k, opts.epsilon, opts.side)
-        rows.append((_step(f), found.intruders, found.tuned_svd.S[found.intruders].tolist()))
+        found = find_intruders(pair.base, pair.tuned, k, opts.epsilon, opts.side, src.spectrum(pair),
+                               pair.factors)
+        rows.append((_step(f), found.intruders, found.tuned.S[found.intruders].tolist()))
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for step, ranks, sig in rows:

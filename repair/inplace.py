@@ -10,12 +10,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .detector import DetectOptions, find_intruders
+from .detector import DetectOptions, analyse
 from .editor import MatrixPatch, make_patch
 from .errors import CheckpointError
-from .linalg import max_abs_cos, svd
 from .pairs import PairSource
 
 logger = logging.getLogger(__name__)
@@ -29,8 +27,8 @@ class _Entry:
     tuned: torch.Tensor  # (out, in) float32 W_tuned, the starting point of every patch
     merged: torch.Tensor  # stored layout and dtype: the plain merge, restored exactly at λ = 1
     patch: MatrixPatch  # intruders with scale 0: only U, σ, Vh are used
-    spectrum: torch.Tensor  # (p,) all singular values of W_tuned
-    intruder_mask: torch.Tensor  # (p,) max|cos| < ε for every tuned singular vector
+    spectrum: torch.Tensor  # (2k,) the leading singular values of W_tuned
+    intruder_mask: torch.Tensor  # (2k,) max|cos| < ε for each of them
 
 
 class InPlacePatcher:
@@ -40,16 +38,15 @@ class InPlacePatcher:
         self.model, self.opts = model, opts
         self._load_tuned(src)
         self.entries: list[_Entry] = []
-        for pair in tqdm(src, total=len(src), desc="detect", unit="matrix", disable=None):
-            W0_svd = svd(pair.base)
-            found = find_intruders(pair.base, pair.tuned, opts.top_k, opts.epsilon, opts.side, W0_svd)
+        # 2k triplets: after the ≤ k intruders shrink, the top k of W' are among them
+        for report, found in analyse(src, opts, keep=2 * opts.top_k):
             if not found.intruders:
                 continue
-            t = found.tuned_svd
-            cos = max_abs_cos(t.U, W0_svd.U) if opts.side != "right" else max_abs_cos(t.Vh.T, W0_svd.Vh.T)
+            t = found.tuned
+            cos = t.cos_left.amax(dim=1) if opts.side != "right" else t.cos_right.amax(dim=1)
             if opts.side == "both":
-                cos = torch.maximum(cos, max_abs_cos(t.Vh.T, W0_svd.Vh.T))
-            param = self._param(pair.name)
+                cos = torch.maximum(cos, t.cos_right.amax(dim=1))
+            pair, param = src.pair(report.name), self._param(report.name)
             self.entries.append(_Entry(pair.name, param, pair.transposed, pair.tuned.float(), param.detach().clone(),
                                        make_patch(t, found.intruders, 0.0), t.S, cos < opts.epsilon))
         self.scale = 1.0
@@ -92,7 +89,8 @@ class InPlacePatcher:
 
     def intruders_at(self, scale: float) -> int:
         """Intruders among the top k of W' at this λ: W' keeps W_tuned's singular vectors, with the
-        intruders' σ multiplied by λ, so no new SVD is needed."""
+        intruders' σ multiplied by λ, so no new SVD is needed (the ≤ k intruders only shrink, so the
+        top k of W' lie among the 2k triplets kept)."""
         total = 0
         for e in self.entries:
             s = e.spectrum.clone()

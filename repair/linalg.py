@@ -71,3 +71,12 @@ def lowrank_singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     _, R_b = torch.linalg.qr(B.to(dtype))  # (r, r)
     _, R_a = torch.linalg.qr(A.to(dtype).T)  # (r, r)
     return torch.linalg.svdvals(R_b @ R_a.T)  # (r,)
+
+
+def lowrank_fro_norm(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """‖X @ Y‖_F for X (m, R) and Y (R, n) with small R, from the two Gram matrices, in float64.
+
+    Cancellation (X @ Y much smaller than its parts) is resolved to about 1e-8 of the parts' norm.
+    """
+    Xd, Yd = X.to(torch.float64), Y.to(torch.float64)
+    return float(((Xd.T @ Xd) * (Yd @ Yd.T)).sum().clamp_min(0).sqrt())

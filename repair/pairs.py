@@ -4,32 +4,46 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .adapter import LoraAdapter, LoraModule
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
+from .pipeline import in_background, ordered_map
 from .sources import ModelSource
+from .spectra import BaseSpectrum, SpectraCache, tensor_key
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class MatrixPair:
-    """A base matrix and its tuned version, both in (out, in) orientation."""
+    """A base matrix and its tuned version, both in (out, in) orientation.
+
+    ``tuned`` may be given as a function: a LoRA pair builds the dense W_tuned only when asked,
+    since the structured path needs just the factors.
+    """
 
     name: str  # base tensor name
     shape: tuple[int, ...]  # stored shape in the base checkpoint
     transposed: bool  # stored as (in, out), e.g. GPT-2 Conv1D
     base: torch.Tensor  # (out, in), source dtype
-    tuned: torch.Tensor  # (out, in)
+    tuned_or_fn: torch.Tensor | Callable[[], torch.Tensor] = field(repr=False)  # (out, in)
     factors: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)  # delta = B @ A
+
+    @property
+    def tuned(self) -> torch.Tensor:
+        if callable(self.tuned_or_fn):
+            self.tuned_or_fn = self.tuned_or_fn()
+        return self.tuned_or_fn
 
 
 def model_type(folder: Path) -> str | None:
@@ -58,12 +72,15 @@ class PairSource:
     """Yields ``MatrixPair`` for a base checkpoint and a tuned checkpoint or LoRA adapter."""
 
     def __init__(self, base: ModelSource, tuned: ModelSource, modules: str | None = None,
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, spectra: SpectraCache | None = None):
         self.base_source, self.tuned_source = base, tuned
         if base.is_adapter:
             raise CheckpointError(f"{base.path}: BASE is a LoRA adapter; expected a full model checkpoint.")
+        self.spectra = spectra or SpectraCache(None)
+        self._keys: dict[str, str] = {}  # base tensor name -> content hash, once computed
         self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
-        self.adapter = LoraAdapter(tuned.path, allow_pickle) if tuned.is_adapter else None
+        settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
+        self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter else None
         self.tuned = None if self.adapter else CheckpointReader(tuned.path, "model", allow_pickle)
         self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
         self.modules = _compile(modules)
@@ -80,15 +97,15 @@ class PairSource:
     def _select(self) -> list[str]:
         if self.adapter is not None:
             base_names = set(self.base.names())
-            self.lora_names: dict[str, LoraModule] = {}
-            for lm in self.adapter.modules.values():
-                name = match_base_name(lm.module, base_names)
+            self.lora_names: dict[str, str] = {}  # base tensor name -> adapter module path
+            for module in self.adapter.module_keys:
+                name = match_base_name(module, base_names)
                 if name is None:
                     raise CheckpointError(
-                        f"{self.tuned_source.path}: adapter module {lm.module} has no weight in base "
+                        f"{self.tuned_source.path}: adapter module {module} has no weight in base "
                         f"{self.base_source.path}; was it trained for another base model?"
                     )
-                self.lora_names[name] = lm
+                self.lora_names[name] = module
             self._replaced = {n: key for n, key in self.adapter.replaced.items()
                               if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
@@ -100,6 +117,40 @@ class PairSource:
         if self.transposed is not None:
             return bool(self.transposed.search(name))
         return bool(self.adapter is not None and self.adapter.fan_in_fan_out)
+
+    def lora_module(self, name: str) -> LoraModule:
+        """The adapter module that updates base tensor ``name`` (resolves the adapter settings)."""
+        return self.adapter.modules[self.lora_names[name]]
+
+    def spectrum(self, pair: MatrixPair) -> BaseSpectrum:
+        """The base spectrum of a pair, in its (out, in) orientation: cached, or computed and stored."""
+        stored = pair.base.T if pair.transposed else pair.base
+        return self.spectra.spectrum(stored, pair.transposed, self._keys.get(pair.name))
+
+    def prefetch_spectra(self, workers: int) -> None:
+        """Compute the missing base spectra before anything needs the adapter's settings.
+
+        When peft has to resolve those settings, it does so on a background thread meanwhile, so
+        its slow import overlaps the decompositions instead of preceding them.
+        """
+        if self.adapter is None or self.adapter.settings_known:
+            return  # nothing to overlap: spectra are computed as the analysis needs them
+        join = in_background(lambda: self.adapter.settings)
+        if self.spectra.folder is not None:
+            def work(name: str) -> None:
+                stored = _finite(self.base.get(name), name, self.base_source.path)
+                self._keys[name] = key = tensor_key(stored)
+                if key not in self.spectra:
+                    self.spectra.compute(key, stored)
+
+            for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
+                          unit="matrix", disable=None):
+                pass
+        join()
+
+    def base_bytes(self, name: str) -> int:
+        """Size of a base matrix as float32, for batching."""
+        return 4 * math.prod(self.base.shape(name))
 
     def tuned_files(self) -> list[Path]:
         return (self.adapter.reader if self.adapter is not None else self.tuned).files
@@ -121,10 +172,18 @@ class PairSource:
             t = self._same_shape(_finite(self.adapter.reader.get(self._replaced[name]), name, tuned_path), stored, name)
             return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
         if self.adapter is not None:
-            lm = self.lora_names[name]
-            tuned = _finite(self.adapter.tuned_weight(lm, W0), lm.module + " (LoRA update)", tuned_path)
-            factors = None if lm.is_dora else self.adapter.factors(lm)
-            return MatrixPair(name, tuple(stored.shape), transposed, W0, tuned, factors)
+            lm = self.lora_module(name)
+            if lm.is_dora:
+                tuned = _finite(self.adapter.tuned_weight(lm, W0), lm.module + " (DoRA update)", tuned_path)
+                return MatrixPair(name, tuple(stored.shape), transposed, W0, tuned)
+            B, A = (_finite(f, lm.module + " (LoRA factors)", tuned_path) for f in self.adapter.factors(lm))
+            if (B.shape[0], A.shape[1]) != tuple(W0.shape):
+                raise CheckpointError(
+                    f"{tuned_path}: the LoRA factors of {lm.module} imply a {(B.shape[0], A.shape[1])} update, "
+                    f"but the base weight is {tuple(W0.shape)}; was the adapter trained for another base?"
+                )
+            return MatrixPair(name, tuple(stored.shape), transposed, W0,
+                              lambda: self.adapter.tuned_weight(lm, W0), (B, A))
         if name not in self.tuned:
             raise CheckpointError(f"{tuned_path}: has no tensor {name!r}, which the base has.")
         t = self._same_shape(_finite(self.tuned.get(name), name, tuned_path), stored, name)
@@ -140,7 +199,9 @@ class PairSource:
 
 
 def _finite(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
-    if not torch.isfinite(t).all():
+    """``t``, unless it holds NaN or Inf. A finite sum proves it (any NaN/Inf makes the sum non-finite),
+    at a fraction of an element-wise check, which runs only when the sum is not finite."""
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf values.")
     return t
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import re
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,16 +15,17 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .adapter_settings import ADAPTER_CONFIG, patched_config
 from .archs import module_type
 from .checkpoint import file_sha256
-from .detector import DetectOptions, find_intruders
+from .detector import DetectOptions, analyse_pairs, tuned_topks
 from .editor import MatrixPatch, apply_patch, dora_row_scale, extend_lora, make_patch, truncation_error
 from .errors import RepairError
-from .linalg import svd
+from .linalg import lowrank_fro_norm
 from .pairs import MatrixPair, PairSource
+from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_scale
 from .report import InputFile, MatrixEdit, PatchReport, Provenance
-from .sources import resolve
 from .writer import TensorWriter, atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -59,20 +59,25 @@ class PatchOptions:
                 check_scale(entry.scale, self.allow_amplify, f"--plan {self.plan} ({name})")
 
 
-def _edit(pair: MatrixPair, opts: PatchOptions, plan: Plan | None) -> MatrixPatch | None:
-    """The patch for one matrix: from the plan, or from a fresh detection. None when untouched."""
-    if plan is not None:
-        entry = plan.matrices.get(pair.name)
-        if entry is None or not entry.intruders:
-            return None
-        tuned_svd = svd(pair.tuned)
-        if max(entry.intruders) >= tuned_svd.S.shape[0]:
-            raise RepairError(f"--plan {opts.plan}: {pair.name} has no singular vector {max(entry.intruders)}.")
+def _edits(src: PairSource, names: list[str], opts: PatchOptions,
+           plan: Plan | None) -> list[tuple[MatrixPair, MatrixPatch | None]]:
+    """The patch of each matrix in a batch: from the plan, or from a fresh detection. None when untouched."""
+    if plan is None:
+        found = analyse_pairs(src, names, opts.detect)
+        return [(pair, make_patch(f.tuned, f.intruders, opts.scale) if f.intruders else None) for pair, f in found]
+    pairs = [src.pair(n) for n in names]
+    entries = [plan.matrices.get(p.name) for p in pairs]
+    todo = [i for i, e in enumerate(entries) if e is not None and e.intruders]
+    k = max((max(entries[i].intruders) + 1 for i in todo), default=1)
+    tops = tuned_topks([pairs[i] for i in todo], [src.spectrum(pairs[i]) for i in todo], k)
+    out: list[tuple[MatrixPair, MatrixPatch | None]] = [(p, None) for p in pairs]
+    for i, tuned in zip(todo, tops, strict=True):
+        entry = entries[i]
+        if max(entry.intruders) >= tuned.S.shape[0]:
+            raise RepairError(f"--plan {opts.plan}: {pairs[i].name} has no singular vector {max(entry.intruders)}.")
         scale = opts.scale if entry.scale is None else entry.scale
-        return make_patch(tuned_svd, sorted(entry.intruders), scale)
-    d = opts.detect
-    found = find_intruders(pair.base, pair.tuned, d.top_k, d.epsilon, d.side)
-    return make_patch(found.tuned_svd, found.intruders, opts.scale) if found.intruders else None
+        out[i] = (pairs[i], make_patch(tuned, sorted(entry.intruders), scale))
+    return out
 
 
 def _stored(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,21 +88,36 @@ def _stored(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
                     edits: list[MatrixEdit]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the merged checkpoint, patched where intruders were rescaled."""
-    adapter = src.adapter
-    names = src.base.names() if adapter else src.tuned.names()
+    names = src.base.names() if src.adapter else src.tuned.names()
     selected = set(src.names)
-    for name in tqdm(names, desc="patch", unit="tensor", disable=None):
-        if name in selected:
-            pair = src.pair(name)
-            patch = _edit(pair, opts, plan)
-            stored = pair.base.T if pair.transposed else pair.base
-            if patch is not None and not patch.is_noop:
-                edits.append(_edit_record(pair, patch))
-                yield name, _stored(pair, apply_patch(pair.tuned, patch), stored.dtype)
-                continue
-            if patch is not None:
-                edits.append(_edit_record(pair, patch))
-        yield name, _unpatched(src, name)
+
+    def work(batch: list[str]) -> list[tuple[str, torch.Tensor, MatrixEdit | None]]:
+        patched: dict[str, tuple[torch.Tensor, MatrixEdit | None]] = {}
+        for pair, patch in _edits(src, [n for n in batch if n in selected], opts, plan):
+            if patch is None:
+                patched[pair.name] = (_unpatched(src, pair.name), None)
+            elif patch.is_noop:
+                patched[pair.name] = (_unpatched(src, pair.name), _edit_record(pair, patch))
+            else:
+                stored = pair.base.T if pair.transposed else pair.base
+                W = _stored(pair, apply_patch(pair.tuned, patch), stored.dtype)
+                patched[pair.name] = (W, _edit_record(pair, patch))
+        return [(n, *patched[n]) if n in patched else (n, _unpatched(src, n), None) for n in batch]
+
+    results = ordered_batches(work, names, opts.detect.workers, _tensor_bytes(src), opts.detect.batch_bytes)
+    for name, tensor, edit in tqdm(results, total=len(names), desc="patch", unit="tensor", disable=None):
+        if edit is not None:
+            edits.append(edit)
+        yield name, tensor
+
+
+def _tensor_bytes(src: PairSource):
+    reader = src.base if src.adapter else src.tuned
+
+    def size(name: str) -> int:
+        return 4 * math.prod(reader.shape(name)) if name in reader else 0
+
+    return size
 
 
 def changed_tensors(src: PairSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -117,7 +137,7 @@ def _unpatched(src: PairSource, name: str) -> torch.Tensor:
     if adapter is None:
         return src.tuned.get(name)
     if name in src.lora_names:
-        lm = src.lora_names[name]
+        lm = src.lora_module(name)
         return adapter.merged_weight(lm, src.base.get(name), src.is_transposed(name))
     if name in adapter.replaced:
         return adapter.reader.get(adapter.replaced[name])
@@ -135,34 +155,43 @@ def _edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:
 def _rewrite_lora(src: PairSource, name: str, pair: MatrixPair, patch: MatrixPatch):
     """New adapter tensors of rank r + |I| for one module, and its report record."""
     adapter = src.adapter
-    lm = src.lora_names[name]
+    lm = src.lora_module(name)
     B, A = adapter.raw_factors(lm)  # unscaled, (out, r) and (r, in)
     row_scale = None
     if lm.is_dora:
         row_scale = dora_row_scale(pair.base.float() + adapter.delta(lm), adapter.magnitude(lm))
     B2, A2 = extend_lora(B, A, lm.scaling, patch, row_scale)
     tensors = adapter.stored_factors(lm, B2, A2)
-    W_new = apply_patch(pair.tuned, patch)  # (out, in)
     if lm.is_dora:
+        W_new = apply_patch(pair.tuned, patch)  # (out, in)
         key = lm.keys["lora_magnitude_vector"]
         old = adapter.reader.get(key)
         tensors[key] = torch.linalg.norm(W_new, dim=1).to(old.dtype).reshape(old.shape)
-    rebuilt = _rebuild(pair.base, tensors, lm, adapter)
-    update = (W_new - pair.base.float()).norm()
+        update = (W_new - pair.base.float()).norm()
+        error = float((_rebuild(pair.base, tensors, lm, adapter) - W_new).norm() / update) if update > 0 else 0.0
+    else:  # W_new - W0 = [B s, U c] [A; Vh]: compare with the written factors without dense matrices
+        Bw, Aw = _written_factors(tensors, lm)
+        Uc, s = patch.U * patch.coeff, lm.scaling
+        update = lowrank_fro_norm(torch.cat([B * s, Uc], 1), torch.cat([A, patch.Vh], 0))
+        diff = lowrank_fro_norm(torch.cat([Bw * s, -B * s, -Uc], 1), torch.cat([Aw, A, patch.Vh], 0))
+        error = diff / update if update > 0 else 0.0
     record = _edit_record(
-        pair, patch, adapter_rank=B2.shape[1],
-        reconstruction_error=float((rebuilt - W_new).norm() / update) if update > 0 else 0.0,
+        pair, patch, adapter_rank=B2.shape[1], reconstruction_error=error,
         peft_truncation_error=None if lm.is_dora else truncation_error(B * lm.scaling, A, patch, lm.rank),
     )
     return tensors, B2.shape[1], record
 
 
+def _written_factors(tensors: dict[str, torch.Tensor], lm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscaled (B, A) in (out, in) orientation, float32, from the tensors about to be written."""
+    if lm.is_embedding:
+        return tensors[lm.keys["lora_embedding_A"]].float().T, tensors[lm.keys["lora_embedding_B"]].float().T
+    return tensors[lm.keys["lora_B"]].float(), tensors[lm.keys["lora_A"]].float()
+
+
 def _rebuild(W0: torch.Tensor, tensors: dict[str, torch.Tensor], lm, adapter) -> torch.Tensor:
     """W_tuned implied by the written tensors, as peft will merge them: a check, not an input."""
-    if lm.is_embedding:
-        B, A = tensors[lm.keys["lora_embedding_A"]].float().T, tensors[lm.keys["lora_embedding_B"]].float().T
-    else:
-        B, A = tensors[lm.keys["lora_B"]].float(), tensors[lm.keys["lora_A"]].float()
+    B, A = _written_factors(tensors, lm)
     W = W0.float() + (B @ A) * lm.scaling
     if lm.is_dora:
         m = tensors[lm.keys["lora_magnitude_vector"]].float().reshape(-1)
@@ -175,33 +204,39 @@ def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edi
     adapter = src.adapter
     out = {k: adapter.reader.get(k) for k in adapter.reader.names()}  # adapters are small
     ranks: dict[str, int] = {}
-    for name in tqdm(src.names, desc="patch", unit="matrix", disable=None):
-        pair = src.pair(name)
-        patch = _edit(pair, opts, plan)
-        if patch is None:
-            continue
-        if patch.is_noop:
-            edits.append(_edit_record(pair, patch))
-        elif name in src.lora_names:
-            tensors, ranks[src.lora_names[name].module], record = _rewrite_lora(src, name, pair, patch)
-            out.update(tensors)
+
+    def work(batch: list[str]):
+        results = []
+        for pair, patch in _edits(src, batch, opts, plan):
+            name = pair.name
+            if patch is None:
+                results.append((name, None, {}, None))
+            elif patch.is_noop:
+                results.append((name, None, {}, _edit_record(pair, patch)))
+            elif name in src.lora_names:
+                tensors, rank, record = _rewrite_lora(src, name, pair, patch)
+                results.append((name, rank, tensors, record))
+            else:  # a modules_to_save tensor: a full matrix, patched densely
+                key = adapter.replaced[name]
+                tensors = {key: _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)}
+                results.append((name, None, tensors, _edit_record(pair, patch)))
+        return results
+
+    results = ordered_batches(work, src.names, opts.detect.workers, src.base_bytes, opts.detect.batch_bytes)
+    for name, rank, tensors, record in tqdm(results, total=len(src), desc="patch", unit="matrix", disable=None):
+        out.update(tensors)
+        if rank is not None:
+            ranks[src.lora_names[name]] = rank
+        if record is not None:
             edits.append(record)
-        else:  # a modules_to_save tensor: a full matrix, patched densely
-            key = adapter.replaced[name]
-            out[key] = _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)
-            edits.append(_edit_record(pair, patch))
     return out, ranks
 
 
-def _adapter_config(src: PairSource, ranks: dict[str, int]):
-    """The input LoraConfig with per-module rank/alpha for rewritten modules (same scaling)."""
-    cfg = copy.deepcopy(src.adapter.config)
-    scaling = {lm.module: lm.scaling for lm in src.adapter.modules.values()}
-    new_ranks = {re.escape(m): r for m, r in ranks.items()}
-    new_alpha = {re.escape(m): scaling[m] * (r**0.5 if cfg.use_rslora else r) for m, r in ranks.items()}
-    cfg.rank_pattern = {**new_ranks, **(cfg.rank_pattern or {})}  # exact names first: peft takes the first match
-    cfg.alpha_pattern = {**new_alpha, **(cfg.alpha_pattern or {})}
-    return cfg
+def _adapter_config(src: PairSource, ranks: dict[str, int]) -> dict:
+    """The input adapter config with per-module rank/alpha for rewritten modules (same scaling)."""
+    adapter = src.adapter
+    scaling = {m: adapter.settings.modules[m][1] for m in ranks}
+    return patched_config(adapter.path, ranks, scaling, adapter.settings.use_rslora)
 
 
 def _copy_side_files(folder: Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
@@ -239,7 +274,7 @@ def _write(src: PairSource, opts: PatchOptions, plan: Plan | None, tmp: Path, me
         _copy_side_files(config_dir, tmp)
         return files
     tensors, ranks = _adapter_tensors(src, opts, plan, edits)
-    _adapter_config(src, ranks).save_pretrained(str(tmp))
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(_adapter_config(src, ranks), indent=2, sort_keys=True) + "\n")
     writer = TensorWriter(tmp, "adapter_model", opts.max_shard_size, meta)
     for name in sorted(tensors):
         writer.save(name, tensors[name])
@@ -254,14 +289,18 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
     if plan is not None and (plan.base, plan.tuned) != (base, tuned):
         logger.warning("--plan %s was made for %s / %s, applying it to %s / %s",
                        opts.plan, plan.base, plan.tuned, base, tuned)
-    src = PairSource(resolve(base), resolve(tuned), opts.detect.modules, opts.detect.allow_pickle)
+    src = opts.detect.pairs(base, tuned)
     if opts.format == "adapter" and src.adapter is None:
         raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is a full checkpoint.")
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
-    provenance = _provenance(src, base, tuned, opts)
-    meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}
+    hashed: list[Provenance] = []  # sha256 of the inputs releases the GIL: it overlaps the spectra
+    join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))
     edits: list[MatrixEdit] = []
     try:
+        src.prefetch_spectra(opts.detect.workers)
+        join()
+        provenance = hashed[0]
+        meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}
         with atomic_output_dir(opts.out) as tmp:
             files = _write(src, opts, plan, tmp, meta, edits)
             patched = [e for e in edits if e.scale != 1.0]

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 Side = Literal["left", "right", "both"]
 
 
@@ -26,6 +26,11 @@ class MatrixReport(BaseModel):
     max_cos_left: list[float] | None = None
     max_cos_right: list[float] | None = None
     sigma: list[float] = Field(description="top-k singular values of W_tuned")
+    degenerate: list[int] = Field(
+        [], description="top-k indices whose σ is within 1e-3·σ_1 of a neighbour: their singular vectors, "
+                        "and so their max_cos, are not unique")
+    method: str = Field("dense", description="structured (from the cached base spectrum and the LoRA factors) "
+                                             "or dense (a full SVD of W_tuned)")
     effective_rank_delta: float = Field(description="Roy & Vetterli effective rank of W_tuned - W0")
     delta_norm: float = Field(description="Frobenius norm of W_tuned - W0")
 
@@ -52,6 +57,7 @@ class DetectionReport(BaseModel):
     total_intruders: int = 0
     by_module_type: dict[str, ModuleTypeSummary] = {}
     matrices: list[MatrixReport] = []
+    cache: dict[str, int] = Field({}, description="base spectra cache hits and misses")
 
     @classmethod
     def build(cls, matrices: list[MatrixReport], **fields) -> DetectionReport:

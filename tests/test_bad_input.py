@@ -86,7 +86,7 @@ FILE_CASES = {
     "truncated_base": "model.safetensors: not a readable safetensors file",
     "truncated_adapter": "adapter_model.safetensors: not a readable safetensors file",
     "nan_base": "'model.layers.1.self_attn.q_proj.weight' contains NaN or Inf",
-    "inf_adapter": "model.layers.0.self_attn.v_proj (LoRA update)' contains NaN or Inf",
+    "inf_adapter": "model.layers.0.self_attn.v_proj (LoRA factors)' contains NaN or Inf",
     "pickle": "loading pickle can run arbitrary code",
 }
 

@@ -14,20 +14,20 @@ from repair.editor import apply_patch, extend_lora, make_patch, truncation_error
 def case():
     W0, tuned, _ = planted()
     W0, tuned = W0.float(), tuned.float()
-    found = find_intruders(W0, tuned, top_k=10, epsilon=0.5)
+    found = find_intruders(W0, tuned, top_k=10, epsilon=0.5, keep=min(tuned.shape))  # every triplet
     assert found.intruders == [0, 1]
     return W0, tuned, found
 
 
 def test_scale_zero_removes_planted_intruders(case):
     W0, tuned, found = case
-    W_new = apply_patch(tuned, make_patch(found.tuned_svd, found.intruders, 0.0))
+    W_new = apply_patch(tuned, make_patch(found.tuned, found.intruders, 0.0))
     assert find_intruders(W0, W_new, top_k=10, epsilon=0.5).intruders == []
 
 
 def test_scale_half_halves_sigma_and_leaves_the_rest(case):
     W0, tuned, found = case
-    t = found.tuned_svd
+    t = found.tuned
     W_new = apply_patch(tuned, make_patch(t, found.intruders, 0.5))
     expected = t.S.clone()
     expected[[0, 1]] *= 0.5
@@ -42,16 +42,16 @@ def test_scale_half_halves_sigma_and_leaves_the_rest(case):
 
 def test_scale_one_is_the_identity(case):
     _, tuned, found = case
-    assert torch.equal(apply_patch(tuned, make_patch(found.tuned_svd, found.intruders, 1.0)), tuned)
+    assert torch.equal(apply_patch(tuned, make_patch(found.tuned, found.intruders, 1.0)), tuned)
 
 
 def test_scales_compose(case):
     W0, tuned, found = case
-    once = apply_patch(tuned, make_patch(found.tuned_svd, [0, 1], 0.3 * 0.6))
-    first = apply_patch(tuned, make_patch(found.tuned_svd, [0, 1], 0.3))
+    once = apply_patch(tuned, make_patch(found.tuned, [0, 1], 0.3 * 0.6))
+    first = apply_patch(tuned, make_patch(found.tuned, [0, 1], 0.3))
     again = find_intruders(W0, first, top_k=10, epsilon=0.5)  # the same two, now lower in rank
     assert len(again.intruders) == 2 and again.intruders != [0, 1]
-    twice = apply_patch(first, make_patch(again.tuned_svd, again.intruders, 0.6))
+    twice = apply_patch(first, make_patch(again.tuned, again.intruders, 0.6))
     assert torch.allclose(once, twice, atol=1e-4)
 
 
@@ -63,7 +63,7 @@ def test_extended_lora_reproduces_the_patch_exactly(scaling):
     tuned = W0 + (B @ A) * scaling
     found = find_intruders(W0, tuned, top_k=10, epsilon=0.5)
     assert found.intruders
-    patch = make_patch(found.tuned_svd, found.intruders, 0.2)
+    patch = make_patch(found.tuned, found.intruders, 0.2)
     B2, A2 = extend_lora(B, A, scaling, patch)
     assert B2.shape[1] == 3 + len(found.intruders)
     W_new = apply_patch(tuned, patch)

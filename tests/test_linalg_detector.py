@@ -41,7 +41,7 @@ def test_planted_intruders_found_exactly(dtype):
     if dtype in (torch.float64, torch.float32):  # in half precision the base's smallest directions blur
         assert found.max_cos[:2].max() < 0.3
     assert found.max_cos[2:].min() > 0.9
-    assert found.tuned_svd.S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert found.tuned.S.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -55,7 +55,7 @@ def test_intruder_strength_sets_its_rank():
     W0, tuned, _ = planted(strengths=(5.0,))  # below sigma_0 = 10: lands at a lower rank
     found = find_intruders(W0, tuned, top_k=10, epsilon=0.5)
     assert len(found.intruders) == 1 and found.intruders[0] > 0
-    assert abs(found.tuned_svd.S[found.intruders[0]] - 5.0) < 0.5
+    assert abs(found.tuned.S[found.intruders[0]] - 5.0) < 0.5
 
 
 def test_epsilon_below_planted_similarity_finds_none():

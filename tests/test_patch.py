@@ -30,8 +30,8 @@ def expected_weights(base, adapter, scale, top_k=10, epsilon=0.5):
 
     out = {}
     for pair in PairSource(resolve(str(base)), resolve(str(adapter))):
-        found = find_intruders(pair.base, pair.tuned, top_k, epsilon)
-        W = apply_patch(pair.tuned, make_patch(found.tuned_svd, found.intruders, scale))
+        found = find_intruders(pair.base, pair.tuned, top_k, epsilon, factors=pair.factors)
+        W = apply_patch(pair.tuned, make_patch(found.tuned, found.intruders, scale))
         out[pair.name] = (W.T if pair.transposed else W, bool(found.intruders))
     return out
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from repair.detector import DetectOptions, analyse_pair
+from repair.detector import DetectOptions, analyse
 from repair.pairs import PairSource
 from repair.sources import resolve
 
@@ -39,15 +39,15 @@ def test_intruder_sets_equal_peft(llama_base, llama_adapter):
     opts = DetectOptions(top_k=top_k, epsilon=eps)
     assert set(counts) == set(pairs.names)
     total = 0
-    for pair in pairs:
-        report, found = analyse_pair(pair, opts)
+    for report, found in analyse(pairs, opts):  # the structured path, as `repair patch` runs it
+        pair = pairs.pair(report.name)
         assert (found.max_cos - eps).abs().min() > 1e-3, "too close to the threshold for a stable comparison"
         assert len(report.intruders) == counts[pair.name], pair.name
         total += len(report.intruders)
         if not report.intruders:
             continue
         # The same set: rebuild peft's mitigated update (rank-r truncation) from our intruders.
-        t, idx = found.tuned_svd, report.intruders
+        t, idx = found.tuned, report.intruders
         W_mit = pair.tuned + (lam - 1) * (t.U[:, idx] * t.S[idx]) @ t.Vh[idx]
         U, S, Vh = torch.linalg.svd(W_mit - pair.base.float(), full_matrices=False)
         r = pair.factors[0].shape[1]

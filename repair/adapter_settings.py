@@ -1,0 +1,128 @@
+"""What an adapter config means, resolved by peft once per config and remembered.
+
+peft parses ``adapter_config.json`` and resolves each module's rank and scaling
+(``rank_pattern``/``alpha_pattern``, rsLoRA). Importing peft costs ~7 s here, longer than a warm
+``repair patch`` takes, so the resolution is stored in the cache, keyed by the config's bytes, the
+adapter's module list and the peft version; the next run on the same adapter reads it back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+SETTINGS_VERSION = "1"
+
+
+class AdapterSettings(BaseModel):
+    """The parts of a LoRA config the toolkit uses, as peft resolves them."""
+
+    version: str = SETTINGS_VERSION
+    peft_version: str
+    fan_in_fan_out: bool
+    use_rslora: bool
+    modules: dict[str, tuple[int, float]]  # module path -> (r, scaling)
+
+
+def load_lora_config(path: Path):
+    """Parse ``adapter_config.json`` with peft and check it is a LoRA adapter."""
+    from peft import LoraConfig, PeftConfig
+
+    cfg_file = path / ADAPTER_CONFIG
+    try:
+        config = PeftConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - peft raises ValueError, TypeError, JSONDecodeError...
+        raise CheckpointError(f"{cfg_file}: not a valid PEFT adapter config ({e}).") from e
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA" or not isinstance(config, LoraConfig):
+        raise CheckpointError(f"{cfg_file}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
+    if getattr(config, "layer_replication", None):
+        raise CheckpointError(f"{cfg_file}: layer_replication is not supported.")
+    return config
+
+
+def rank_and_scaling(config, module: str) -> tuple[int, float]:
+    """Per-module r and scaling exactly as peft resolves ``rank_pattern``/``alpha_pattern``."""
+    from peft.utils.other import get_pattern_key
+
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+    return int(r), float(scaling)
+
+
+def resolve_with_peft(path: Path, modules: list[str]) -> AdapterSettings:
+    """Resolve the config with peft (the slow path)."""
+    config = load_lora_config(path)
+    return AdapterSettings(
+        peft_version=_peft_version(), fan_in_fan_out=bool(config.fan_in_fan_out),
+        use_rslora=bool(config.use_rslora), modules={m: rank_and_scaling(config, m) for m in modules},
+    )
+
+
+def _peft_version() -> str:
+    try:
+        return metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def settings_key(path: Path, modules: list[str]) -> str:
+    """Cache key: the config's bytes, the module list, the peft version."""
+    h = hashlib.sha256()
+    try:
+        h.update((path / ADAPTER_CONFIG).read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: cannot be read ({e.strerror or e}).") from e
+    h.update("\n".join(sorted(modules)).encode())
+    h.update(f"|peft {_peft_version()}|v{SETTINGS_VERSION}".encode())
+    return h.hexdigest()
+
+
+def cached_settings(folder: Path | None, key: str) -> AdapterSettings | None:
+    """The remembered resolution, or None."""
+    file = folder / f"{key}.json" if folder is not None else None
+    if file is None or not file.is_file():
+        return None
+    try:
+        return AdapterSettings.model_validate_json(file.read_text())
+    except (OSError, ValidationError) as e:
+        logger.warning("%s: unreadable cached adapter settings (%s); resolving again", file, e)
+        return None
+
+
+def store_settings(folder: Path | None, key: str, settings: AdapterSettings) -> None:
+    if folder is None:
+        return
+    from .report import write_text_atomic
+
+    try:
+        write_text_atomic(folder / f"{key}.json", settings.model_dump_json() + "\n")
+    except OSError as e:
+        logger.warning("%s: could not remember adapter settings (%s)", folder, e)
+
+
+def patched_config(path: Path, ranks: dict[str, int], scaling: dict[str, float], use_rslora: bool) -> dict:
+    """The input adapter_config.json with per-module r/alpha for rewritten modules (same scaling).
+
+    Exact module names go first in the patterns, because peft takes the first match.
+    """
+    import re
+
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    new_ranks = {re.escape(m): r for m, r in ranks.items()}
+    new_alpha = {re.escape(m): scaling[m] * (r**0.5 if use_rslora else r) for m, r in ranks.items()}
+    cfg["rank_pattern"] = {**new_ranks, **(cfg.get("rank_pattern") or {})}
+    cfg["alpha_pattern"] = {**new_alpha, **(cfg.get("alpha_pattern") or {})}
+    return cfg

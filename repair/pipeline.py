@@ -1,0 +1,140 @@
+"""Per-matrix work on every core, in order, with a bounded number of matrices in flight.
+
+Each worker runs single-threaded torch, so two matrices' decompositions run side by side rather
+than one decomposition fighting over threads. Readers are thread-safe; results come back in input
+order, so reports and written checkpoints do not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+from .errors import RepairError
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def release_freed_memory_promptly() -> None:
+    """Make glibc return large freed blocks to the OS at once.
+
+    Matrices come and go in many sizes on several threads; with glibc's adaptive mmap threshold the
+    freed blocks stay in per-thread heaps and RSS creeps up with the model's size. A fixed threshold
+    serves every block of 1 MiB or more by mmap, so peak RSS stays bounded by what is in flight.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        logger.debug("mallopt unavailable; leaving the allocator as it is")
+
+
+def default_workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an unavailable device is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise RepairError(f"--device: {device!r} is not a torch device (expected auto, cpu or cuda).") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RepairError("--device cuda: no CUDA device is available; use --device cpu.")
+    return dev
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Temporarily set torch's intra-op thread count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int = 2) -> Iterator[R]:
+    """``fn(item)`` for each item on ``workers`` threads, yielded in input order.
+
+    At most ``workers + depth`` items are in flight, which bounds memory to a few matrices.
+    """
+    if workers <= 1:
+        with torch_threads(1):  # per-matrix work is many small operations: extra threads only spin
+            yield from map(fn, items)
+        return
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="repair") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > workers + depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def in_background(fn: Callable[[], object]) -> Callable[[], None]:
+    """Start ``fn`` on a daemon thread; the returned ``join`` re-raises its exception, if any."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by join()
+            failure.append(e)
+
+    thread = threading.Thread(target=run, daemon=True, name="repair-background")
+    thread.start()
+
+    def join() -> None:
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    return join
+
+
+def ordered_batches(fn: Callable[[list[T]], list[R]], items: Iterable[T], workers: int,
+                    size: Callable[[T], int], budget: int) -> Iterator[R]:
+    """``fn`` over consecutive batches of at most ``budget`` (by ``size``), flattened in input order.
+
+    Batches let the solver handle several matrices of one shape at once; the budget bounds memory.
+    """
+    release_freed_memory_promptly()
+    def batches() -> Iterator[list[T]]:
+        batch: list[T] = []
+        total = 0
+        for item in items:
+            n = size(item)
+            if batch and total + n > budget:
+                yield batch
+                batch, total = [], 0
+            batch.append(item)
+            total += n
+        if batch:
+            yield batch
+
+    for results in ordered_map(fn, batches(), workers, depth=0):
+        yield from results

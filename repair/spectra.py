@@ -1,0 +1,174 @@
+"""Base spectra: the singular values and one side's singular vectors of each base matrix, cached.
+
+A base matrix T (a, b) is decomposed once through the float64 eigendecomposition of its smaller
+Gram matrix (T Tᵀ when a <= b, else Tᵀ T): that gives Σ0 and a complete orthonormal basis Z of the
+smaller side, at about a third of the cost of a float32 SVD. Entries are safetensors files keyed by
+the tensor's content hash, so every adapter, sweep and figure of one base reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SPECTRA_VERSION = "1"  # bump when the stored content or its meaning changes
+SUFFIX = ".safetensors"
+SideName = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class BaseSpectrum:
+    """Σ0 and the basis of the smaller side of a base matrix W0 (m, n), in W0's orientation.
+
+    ``side == "left"`` (m <= n): Z = U0, (m, m). ``side == "right"`` (m > n): Z = V0, (n, n).
+    """
+
+    S: torch.Tensor  # (p,) float64, descending
+    Z: torch.Tensor  # (p, p) orthonormal columns, float32 on disk
+    side: SideName
+    shape: tuple[int, int]  # (m, n) of W0
+
+    def transposed(self) -> BaseSpectrum:
+        """The spectrum of W0ᵀ: the same numbers, the other side."""
+        other: SideName = "right" if self.side == "left" else "left"
+        return BaseSpectrum(self.S, self.Z, other, (self.shape[1], self.shape[0]))
+
+    def cpu(self) -> BaseSpectrum:
+        return BaseSpectrum(self.S.cpu(), self.Z.cpu(), self.side, self.shape)
+
+    def to(self, device) -> BaseSpectrum:
+        return BaseSpectrum(self.S.to(device), self.Z.to(device), self.side, self.shape)
+
+    def coords(self, W0: torch.Tensor, vectors: torch.Tensor, side: SideName) -> torch.Tensor:
+        """Coordinates (k, p) of unit vectors (d, k) in the U0 (``side="left"``) or V0 basis.
+
+        Their absolute values are the cosines with every base singular vector. On the larger side
+        the basis is implicit: U0ᵀu = Σ0⁻¹ V0ᵀ (W0ᵀ u); directions with σ0 = 0 (a rank-deficient
+        base) have no defined singular vector and get coordinate 0.
+        """
+        dtype = vectors.dtype if vectors.dtype == torch.float64 else torch.float32
+        Z, x = self.Z.to(dtype), vectors.to(dtype)
+        if side == self.side:
+            return (Z.T @ x).T
+        W = W0.to(dtype)
+        y = Z.T @ (W.T @ x if side == "left" else W @ x)  # (p, k) = Σ0 · coordinates
+        return (y / _safe(self.S).to(dtype)[:, None]).T
+
+
+def _safe(S: torch.Tensor) -> torch.Tensor:
+    """Σ0 with zero-ish values replaced by inf, so dividing by them gives 0."""
+    tiny = S[0] * 1e-12 if S.numel() and S[0] > 0 else 0.0
+    return torch.where(tiny < S, S, torch.full_like(S, float("inf")))
+
+
+def compute_spectrum(W0: torch.Tensor) -> BaseSpectrum:
+    """Σ0 and the smaller side's basis of W0 (m, n), from a float64 eigendecomposition of its Gram."""
+    if W0.ndim != 2:
+        raise ValueError(f"expected a 2-D matrix, got shape {tuple(W0.shape)}")
+    m, n = W0.shape
+    W = W0.to(torch.float64)
+    side: SideName = "left" if m <= n else "right"
+    G = W @ W.T if side == "left" else W.T @ W  # (p, p)
+    evals, Z = torch.linalg.eigh(G)  # ascending
+    evals, Z = evals.flip(0), Z.flip(1)
+    idx = Z.abs().argmax(dim=0)  # deterministic signs: the largest entry of each vector is positive
+    signs = torch.sign(Z[idx, torch.arange(Z.shape[1])])
+    signs[signs == 0] = 1
+    return BaseSpectrum(evals.clamp_min(0).sqrt(), (Z * signs).to(torch.float32), side, (m, n))
+
+
+def tensor_key(t: torch.Tensor) -> str:
+    """Content hash of a stored tensor (its bytes, dtype and shape): the cache key."""
+    import xxhash
+
+    data = t.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    h = xxhash.xxh3_128(data)
+    h.update(f"|{t.dtype}|{tuple(t.shape)}|v{SPECTRA_VERSION}".encode())
+    return h.hexdigest()
+
+
+class SpectraCache:
+    """A folder of ``<key>.safetensors`` spectra. ``folder=None`` disables caching."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.computed: set[str] = set()  # keys decomposed by this process
+        self.loaded: set[str] = set()  # keys read back from disk
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """How many spectra this process computed, and how many it reused from earlier runs."""
+        return {"computed": len(self.computed), "reused": len(self.loaded - self.computed)}
+
+    @classmethod
+    def default(cls) -> SpectraCache:
+        from .sources import cache_dir
+
+        return cls(cache_dir() / "spectra")
+
+    def path(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{key}{SUFFIX}"
+
+    def __contains__(self, key: str) -> bool:
+        return self.folder is not None and self.path(key).is_file()
+
+    def get(self, key: str) -> BaseSpectrum | None:
+        """The stored spectrum in the stored tensor's orientation, or None (a damaged entry is a miss)."""
+        if self.folder is None or not self.path(key).is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path(key)), framework="pt") as f:
+                meta = f.metadata()
+                spec = BaseSpectrum(f.get_tensor("S"), f.get_tensor("Z"), meta["side"],
+                                    tuple(int(x) for x in meta["shape"].split(",")))
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
+            logger.warning("%s: unreadable cache entry (%s); recomputing it", self.path(key), e)
+            return None
+        self.loaded.add(key)
+        return spec
+
+    def put(self, key: str, spec: BaseSpectrum) -> None:
+        """Store atomically (write a temporary file, then rename); I/O errors only log a warning."""
+        if self.folder is None:
+            return
+        from safetensors.torch import save_file
+
+        meta = {"side": spec.side, "shape": f"{spec.shape[0]},{spec.shape[1]}", "version": SPECTRA_VERSION}
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=SUFFIX)
+            os.close(fd)
+            save_file({"S": spec.S.contiguous(), "Z": spec.Z.contiguous()}, tmp, metadata=meta)
+            os.replace(tmp, self.path(key))
+        except OSError as e:
+            logger.warning("%s: could not store a base spectrum (%s); continuing without caching", self.folder, e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def compute(self, key: str, stored: torch.Tensor) -> BaseSpectrum:
+        """Decompose a stored tensor and store the result under ``key``."""
+        spec = compute_spectrum(stored)
+        self.computed.add(key)
+        self.put(key, spec)
+        return spec
+
+    def spectrum(self, stored: torch.Tensor, transposed: bool = False, key: str | None = None) -> BaseSpectrum:
+        """The spectrum of a stored base tensor, from the cache or computed (and stored) now.
+
+        ``transposed`` gives it in (out, in) orientation for tensors stored as (in, out).
+        """
+        key = key or tensor_key(stored)
+        spec = self.get(key) or self.compute(key, stored)
+        return spec.transposed() if transposed else spec
