@@ -36,7 +36,7 @@ def random_adapter(base_dir: Path, out: Path, r: int = 8, seed: int = 0) -> Path
                 out_f, in_f = f.get_slice(name).get_shape()
                 module = name.removesuffix(".weight")
                 tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) / in_f**0.5
-                tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.2
+                tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * 0.1
     out.mkdir(parents=True, exist_ok=True)
     LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear").save_pretrained(str(out))
     cfg = json.loads((out / "adapter_config.json").read_text())

@@ -63,11 +63,14 @@ def resolve_device(device: str) -> torch.device:
 
 @contextmanager
 def torch_threads(n: int):
-    """Temporarily set torch's intra-op thread count."""
+    """Temporarily set torch's intra-op threads and the BLAS pools (numpy's OpenBLAS) to ``n``."""
+    from threadpoolctl import threadpool_limits
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        yield
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(old)
 

@@ -249,13 +249,12 @@ def _dense_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tu
 def _orthonormal_complement(block: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns (b, p, c) spanning ``block`` minus its part in span(Q).
 
-    A column with nothing left is replaced by a coordinate vector past Q's width: any direction
-    outside span(Q) is a harmless addition to a Rayleigh-Ritz basis.
+    Classical Gram-Schmidt before and after the QR ("twice is enough"). A column with nothing left
+    is replaced by a coordinate vector past Q's width: any direction outside span(Q) is a harmless
+    addition to a Rayleigh-Ritz basis.
     """
     def project(x: torch.Tensor) -> torch.Tensor:
-        for _ in range(2):  # classical Gram-Schmidt, twice is enough
-            x = x - Q @ (Q.mT @ x)
-        return x
+        return x - Q @ (Q.mT @ x)
 
     scale = block.norm(dim=(-2, -1), keepdim=True)
     block = project(block)

@@ -143,3 +143,17 @@ def test_no_cache_threads_and_device_flags(llama_base, llama_adapter, cache_dir,
     if not torch.cuda.is_available():
         bad = runner.invoke(main, ["detect", str(llama_base), str(llama_adapter), "--device", "cuda"])
         assert bad.exit_code == 2 and "--device cuda" in bad.output
+
+
+def test_console_entry_point_exit_codes(tmp_path):
+    import subprocess
+
+    def code(*args):
+        return subprocess.run([sys.executable, "-m", "repair.cli", *args], capture_output=True, text=True)
+
+    ok = code("--version")
+    assert ok.returncode == 0 and "intruder-repair" in ok.stdout
+    usage = code("detect")
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
+    bad = code("detect", str(tmp_path / "none"), str(tmp_path / "none"))
+    assert bad.returncode == 2 and "no such file or folder" in bad.stderr
