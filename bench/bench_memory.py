@@ -58,7 +58,8 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="bench-cache-")
     env = {"INTRUDER_REPAIR_CACHE": cache}
     load = [sys.executable, "-c", "import sys, pathlib; from safetensors.torch import load_file; "
-            "state = [load_file(f) for f in sorted(pathlib.Path(sys.argv[1]).glob('*.safetensors'))]"]
+            "state = [load_file(f) for f in sorted(pathlib.Path(sys.argv[1]).glob('*.safetensors'))]; "
+            "[float(t.sum()) for s in state for t in s.values()]"]  # touch every page, as using the model does
     demo = run(repair("detect", "smollm2-135m", str(ROOT / "repair" / "demo")))  # the user's cache: model there
     for gb in (float(g) for g in args.sizes_gb.split(",")):
         n_layers = max(1, round(gb * 1e9 / LAYER_BYTES))

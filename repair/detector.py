@@ -34,7 +34,7 @@ class DetectOptions:
     cache: bool = True  # reuse and store base spectra in the cache folder
     threads: int = 0  # matrices processed side by side; 0 = one per core
     device: str = "auto"  # where the linear algebra runs: auto, cpu, cuda
-    batch_bytes: int = 64 << 20  # base weights per batch of matrices solved together
+    batch_bytes: int = 32 << 20  # base weights per batch of matrices solved together
 
     def validate(self) -> None:
         if self.top_k < 1:

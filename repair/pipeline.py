@@ -78,7 +78,8 @@ def torch_threads(n: int):
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int = 2) -> Iterator[R]:
     """``fn(item)`` for each item on ``workers`` threads, yielded in input order.
 
-    At most ``workers + depth`` items are in flight, which bounds memory to a few matrices.
+    At most ``workers + depth`` items are in flight (submitted and not yet handed back), which bounds
+    memory to a few matrices.
     """
     if workers <= 1:
         with torch_threads(1):  # per-matrix work is many small operations: extra threads only spin
@@ -88,9 +89,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
         pending: deque = deque()
         try:
             for item in items:
-                pending.append(pool.submit(fn, item))
-                if len(pending) > workers + depth:
+                if len(pending) >= workers + depth:
                     yield pending.popleft().result()
+                pending.append(pool.submit(fn, item))
             while pending:
                 yield pending.popleft().result()
         finally:

@@ -30,7 +30,7 @@ RESIDUAL_TOL = 1e-8  # Ritz residual relative to λ_1: vectors good to ~1e-8 / r
 DENSE_SIZE = 160  # smaller problems are solved densely
 MAX_BASIS_FRACTION = 0.5  # a basis larger than this share of p goes dense instead
 MAX_ROUNDS = 12
-Q_EXTRA = 8  # head coordinate vectors beyond k + 2r
+Q_EXTRA = 8  # head coordinate vectors beyond k + r
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def top_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tuple
     def mul(Y: torch.Tensor) -> torch.Tensor:
         return d[..., None] * Y + F @ (H @ (F.mT @ Y))
 
-    q = min(p, k + F.shape[-1] + Q_EXTRA)
+    q = min(p, k + F.shape[-1] // 2 + Q_EXTRA)  # λ_k >= d_{k+r}: the head must reach past k + r
     Q = torch.eye(p, q, dtype=d.dtype, device=d.device).expand(b, p, q)
     MQ = mul(Q)
     T = MQ[:, :q]  # Qᵀ M Q for Q = the first q coordinate vectors
