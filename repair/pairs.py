@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import re
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,22 +136,17 @@ class PairSource:
         if self.adapter is None or self.adapter.settings_known:
             return  # nothing to overlap: spectra are computed as the analysis needs them
         join = in_background(lambda: self.adapter.settings)
-        switch = sys.getswitchinterval()
-        sys.setswitchinterval(5e-4)  # the import holds the GIL; hand it to the workers between their calls
-        try:
-            if self.spectra.folder is not None:
-                def work(name: str) -> None:
-                    stored = _finite(self.base.get(name), name, self.base_source.path)
-                    self._keys[name] = key = tensor_key(stored)
-                    if key not in self.spectra:
-                        self.spectra.compute(key, stored)
+        if self.spectra.folder is not None:
+            def work(name: str) -> None:
+                stored = _finite(self.base.get(name), name, self.base_source.path)
+                self._keys[name] = key = tensor_key(stored)
+                if key not in self.spectra:
+                    self.spectra.compute(key, stored)
 
-                for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
-                              unit="matrix", disable=None):
-                    pass
-            join()
-        finally:
-            sys.setswitchinterval(switch)
+            for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
+                          unit="matrix", disable=None):
+                pass
+        join()
 
     def base_bytes(self, name: str) -> int:
         """Size of a base matrix as float32, for batching."""

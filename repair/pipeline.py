@@ -24,26 +24,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def release_freed_memory_promptly() -> None:
-    """Make glibc return large freed blocks to the OS at once.
-
-    Matrices come and go in many sizes on several threads; with glibc's adaptive mmap threshold the
-    freed blocks stay in per-thread heaps and RSS creeps up with the model's size. A fixed threshold
-    serves every block of 1 MiB or more by mmap, so peak RSS stays bounded by what is in flight.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        logger.debug("mallopt unavailable; leaving the allocator as it is")
-
-
 def default_workers() -> int:
     return max(1, torch.get_num_threads())
 
@@ -126,7 +106,6 @@ def ordered_batches(fn: Callable[[list[T]], list[R]], items: Iterable[T], worker
 
     Batches let the solver handle several matrices of one shape at once; the budget bounds memory.
     """
-    release_freed_memory_promptly()
     def batches() -> Iterator[list[T]]:
         batch: list[T] = []
         total = 0
