@@ -179,13 +179,13 @@ def _to_cpu(found: MatrixIntruders) -> MatrixIntruders:
 
 
 def analyse(src: PairSource, opts: DetectOptions, keep: int = 0,
-            top_k: int | None = None) -> Iterator[tuple[MatrixReport, MatrixIntruders]]:
-    """Every pair of ``src`` analysed in batches on all workers, in order."""
+            top_k: int | None = None) -> Iterator[tuple[MatrixPair, MatrixReport, MatrixIntruders]]:
+    """Every pair of ``src`` analysed in batches on all workers, in order, with the loaded pair."""
     src.prefetch_spectra(opts.workers)
     work = functools.partial(analyse_pairs, src, opts=opts, keep=keep, top_k=top_k)
     results = ordered_batches(work, src.names, opts.workers, src.base_bytes, opts.batch_bytes)
     for pair, found in tqdm(results, total=len(src), desc="detect", unit="matrix", disable=None):
-        yield _report(pair, found), found
+        yield pair, _report(pair, found), found
 
 
 def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> DetectionReport:
@@ -193,7 +193,7 @@ def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> Detectio
     opts = opts or DetectOptions()
     opts.validate()
     src = opts.pairs(base, tuned)
-    matrices = [report for report, _ in analyse(src, opts)]
+    matrices = [report for _, report, _ in analyse(src, opts)]
     return DetectionReport.build(
         matrices, tool_version=__version__, base=base, tuned=tuned, top_k=opts.top_k,
         epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats,

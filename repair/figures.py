@@ -39,7 +39,7 @@ class MatrixStats:
 def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> list[MatrixStats]:
     """One SVD pass: everything the figures need for every selected matrix."""
     stats = []
-    for report, found in analyse(opts.pairs(base, tuned), opts, top_k=k_max):
+    for _, report, found in analyse(opts.pairs(base, tuned), opts, top_k=k_max):
         sim = found.tuned.cos_left[:k, :k].T  # (k base, k tuned)
         stats.append(MatrixStats(report.name, found.max_cos, found.tuned.S[:k_max], sim, report.effective_rank_delta))
     return stats

@@ -39,14 +39,14 @@ class InPlacePatcher:
         self._load_tuned(src)
         self.entries: list[_Entry] = []
         # 2k triplets: after the ≤ k intruders shrink, the top k of W' are among them
-        for report, found in analyse(src, opts, keep=2 * opts.top_k):
+        for pair, _, found in analyse(src, opts, keep=2 * opts.top_k):
             if not found.intruders:
                 continue
             t = found.tuned
             cos = t.cos_left.amax(dim=1) if opts.side != "right" else t.cos_right.amax(dim=1)
             if opts.side == "both":
                 cos = torch.maximum(cos, t.cos_right.amax(dim=1))
-            pair, param = src.pair(report.name), self._param(report.name)
+            param = self._param(pair.name)
             self.entries.append(_Entry(pair.name, param, pair.transposed, pair.tuned.float(), param.detach().clone(),
                                        make_patch(t, found.intruders, 0.0), t.S, cos < opts.epsilon))
         self.scale = 1.0
