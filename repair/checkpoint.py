@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -168,6 +169,10 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         with self._lock:
             return tuple(self._open(self._files[name]).get_slice(name).get_shape())
+
+    def float32_bytes(self, name: str) -> int:
+        """Size of a tensor once read as float32, for batching by memory."""
+        return 4 * math.prod(self.shape(name))
 
     def get(self, name: str) -> torch.Tensor:
         """Load one tensor."""

@@ -183,7 +183,7 @@ def analyse(src: PairSource, opts: DetectOptions, keep: int = 0,
     """Every pair of ``src`` analysed in batches on all workers, in order, with the loaded pair."""
     src.prefetch_spectra(opts.workers)
     work = functools.partial(analyse_pairs, src, opts=opts, keep=keep, top_k=top_k)
-    results = ordered_batches(work, src.names, opts.workers, src.base_bytes, opts.batch_bytes)
+    results = ordered_batches(work, src.names, opts.workers, src.base.float32_bytes, opts.batch_bytes)
     for pair, found in tqdm(results, total=len(src), desc="detect", unit="matrix", disable=None):
         yield pair, _report(pair, found), found
 

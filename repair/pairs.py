@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -147,10 +146,6 @@ class PairSource:
                           unit="matrix", disable=None):
                 pass
         join()
-
-    def base_bytes(self, name: str) -> int:
-        """Size of a base matrix as float32, for batching."""
-        return 4 * math.prod(self.base.shape(name))
 
     def tuned_files(self) -> list[Path]:
         return (self.adapter.reader if self.adapter is not None else self.tuned).files

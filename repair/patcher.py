@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,7 +87,8 @@ def _stored(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
                     edits: list[MatrixEdit]) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the merged checkpoint, patched where intruders were rescaled."""
-    names = src.base.names() if src.adapter else src.tuned.names()
+    reader = src.base if src.adapter else src.tuned
+    names = reader.names()
     selected = set(src.names)
 
     def work(batch: list[str]) -> list[tuple[str, torch.Tensor, MatrixEdit | None]]:
@@ -104,20 +104,11 @@ def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
                 patched[pair.name] = (W, _edit_record(pair, patch))
         return [(n, *patched[n]) if n in patched else (n, _unpatched(src, n), None) for n in batch]
 
-    results = ordered_batches(work, names, opts.detect.workers, _tensor_bytes(src), opts.detect.batch_bytes)
+    results = ordered_batches(work, names, opts.detect.workers, reader.float32_bytes, opts.detect.batch_bytes)
     for name, tensor, edit in tqdm(results, total=len(names), desc="patch", unit="tensor", disable=None):
         if edit is not None:
             edits.append(edit)
         yield name, tensor
-
-
-def _tensor_bytes(src: PairSource):
-    reader = src.base if src.adapter else src.tuned
-
-    def size(name: str) -> int:
-        return 4 * math.prod(reader.shape(name)) if name in reader else 0
-
-    return size
 
 
 def changed_tensors(src: PairSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -222,7 +213,7 @@ def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edi
                 results.append((name, None, tensors, _edit_record(pair, patch)))
         return results
 
-    results = ordered_batches(work, src.names, opts.detect.workers, src.base_bytes, opts.detect.batch_bytes)
+    results = ordered_batches(work, src.names, opts.detect.workers, src.base.float32_bytes, opts.detect.batch_bytes)
     for name, rank, tensors, record in tqdm(results, total=len(src), desc="patch", unit="matrix", disable=None):
         out.update(tensors)
         if rank is not None:
