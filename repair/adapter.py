@@ -6,6 +6,7 @@ Everything here is expressed in the (out_features, in_features) orientation of `
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -82,16 +83,19 @@ class LoraAdapter:
     def settings_known(self) -> bool:
         """Whether the settings are resolved or remembered, so ``settings`` will not import peft."""
         if self._settings is None:
-            key = settings_key(self.path, list(self.module_keys))
-            self._settings = cached_settings(self.settings_cache, key)
+            self._settings = cached_settings(self.settings_cache, self._settings_key)
         return self._settings is not None
+
+    @functools.cached_property
+    def _settings_key(self) -> str:
+        return settings_key(self.path, list(self.module_keys))
 
     @property
     def settings(self) -> AdapterSettings:
         with self._lock:  # a background thread may be resolving them already
             if not self.settings_known:
                 self._settings = resolve_with_peft(self.path, list(self.module_keys))
-                store_settings(self.settings_cache, settings_key(self.path, list(self.module_keys)), self._settings)
+                store_settings(self.settings_cache, self._settings_key, self._settings)
             return self._settings
 
     @property

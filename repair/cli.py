@@ -269,8 +269,6 @@ def demo(out, retrain, limit):
     click.echo("\n" + result.verdict())
 
 
-
-
 @main.group()
 def cache() -> None:
     """Manage the cache: base spectra, resolved adapter configs, file hashes, converted models."""

@@ -1,4 +1,4 @@
-"""Linear algebra for intruder analysis: SVD with fixed signs, cosine maxima, effective rank.
+"""Linear algebra for intruder analysis: SVD with fixed signs, effective rank, low-rank norms.
 
 Every routine computes in float32 (or float64 when given float64), whatever the input dtype.
 """
@@ -41,14 +41,6 @@ def svd(W: torch.Tensor) -> SVD:
     U, S, Vh = torch.linalg.svd(W.to(_compute_dtype(W)), full_matrices=False)
     U, Vh = fix_signs(U, Vh)
     return SVD(U, S, Vh)
-
-
-def max_abs_cos(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """For each column of ``vectors`` (d, k), the largest |cos| with any column of ``basis`` (d, p).
-
-    Both sets are orthonormal singular vectors, so the cosine is the dot product.
-    """
-    return (vectors.T @ basis).abs().amax(dim=1)  # (k,)
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:

@@ -6,8 +6,8 @@ Gram matrix of W in the U0 basis is diagonal plus rank 2r:
     U0ᵀ W Wᵀ U0 = Σ0² + X Gᵀ + G Xᵀ + X (A Aᵀ) Xᵀ,    X = U0ᵀ B,   G = U0ᵀ W0 Aᵀ = Σ0 V0ᵀ Aᵀ
 
 so its top eigenpairs (σ², y) come from a subspace solver whose products cost O(m r), started
-from the top base directions and the update's, refined by rational (Davidson) corrections. y holds the coordinates of u = U0 y in the U0 basis:
-the cosines themselves. Tall matrices are solved as their transpose. Everything else (full
+from the top base directions and the update's, refined by rational (Davidson) corrections. y holds
+the coordinates of u = U0 y in the U0 basis: the cosines themselves. Tall matrices are solved as their transpose. Everything else (full
 fine-tunes, DoRA, replaced modules) takes the exact path: a full SVD of W.
 """
 
