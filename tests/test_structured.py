@@ -85,8 +85,19 @@ def test_random_matches_full_svd(shape, r):
     check_against_reference(*random_lowrank(m, n, r, seed=10 + r), torch.float32)
 
 
-def test_iterative_shapes_exceed_the_dense_cutoff():
-    assert min(SHAPES["square-iterative"]) > DENSE_SIZE and min(SHAPES["wide-iterative"]) > DENSE_SIZE
+@pytest.mark.parametrize("shape", ["square-iterative", "tall-iterative", "wide-iterative"])
+@pytest.mark.parametrize("make", [planted_lowrank, random_lowrank])
+def test_iterative_solver_converges_without_the_dense_fallback(shape, make, monkeypatch):
+    import repair.topk as topk
+
+    m, n = SHAPES[shape]
+    assert min(m, n) > DENSE_SIZE
+
+    def no_dense(*args):
+        raise AssertionError("fell back to the dense eigensolver")
+
+    monkeypatch.setattr(topk, "_dense_eigs", no_dense)
+    check_against_reference(*make(m, n, 4, seed=5), torch.float32)
 
 
 def test_equal_singular_values_are_flagged_degenerate():
