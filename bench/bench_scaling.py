@@ -23,8 +23,9 @@ import torch
 from common import ROOT, summary
 
 sys.path.insert(0, str(ROOT))
-from repair.spectra import BaseSpectrum, SpectraCache  # noqa: E402
-from repair.topk import structured_topk  # noqa: E402
+from repair.spectral.spectra import BaseSpectrum  # noqa: E402
+from repair.spectral.store import SpectraCache  # noqa: E402
+from repair.spectral.topk import structured_topk  # noqa: E402
 
 K, R = 10, 8
 

@@ -49,7 +49,7 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-_DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device")
+_DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device", "exact")
 
 
 def _detect_options(f):
@@ -64,7 +64,8 @@ def _detect_options(f):
         p = {name: kwargs.pop(name) for name in _DETECT_PARAMS}
         kwargs["detect_opts"] = DetectOptions(
             top_k=p["top_k"], epsilon=p["epsilon"], side=p["side"], modules=p["modules"],
-            allow_pickle=p["allow_pickle"], cache=not p["no_cache"], threads=p["threads"], device=p["device"])
+            allow_pickle=p["allow_pickle"], cache=not p["no_cache"], threads=p["threads"], device=p["device"],
+            exact=p["exact"])
         return f(*args, **kwargs)
 
     for opt in reversed([
@@ -78,6 +79,9 @@ def _detect_options(f):
         click.option("--threads", default=0, show_default=True, type=int,
                      help="Matrices processed side by side (0: one per core)."),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda."),
+        click.option("--exact", is_flag=True,
+                     help="Decompose every base matrix completely instead of certifying from its top singular "
+                          "triplets (slower; same answers)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper

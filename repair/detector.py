@@ -13,13 +13,17 @@ from tqdm.auto import tqdm
 from . import __version__
 from .archs import module_type
 from .errors import RepairError
-from .linalg import effective_rank, lowrank_singular_values
 from .pairs import MatrixPair, PairSource
 from .pipeline import default_workers, ordered_batches, resolve_device
 from .report import DetectionReport, MatrixReport, Side
+from .solver import sides_of, solve_pairs, tuned_topks
 from .sources import resolve
-from .spectra import BaseSpectrum, SpectraCache, compute_spectrum
-from .topk import LowRankProblem, TopK, dense_topk, structured_topk_many
+from .spectral.certified import Decisions
+from .spectral.linalg import effective_rank, lowrank_singular_values
+from .spectral.spectra import BaseSpectrum, compute_spectrum
+from .spectral.store import SpectraCache
+from .spectral.topk import Triplets
+from .spectral.truncated import p_for
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class DetectOptions:
     threads: int = 0  # matrices processed side by side; 0 = one per core
     device: str = "auto"  # where the linear algebra runs: auto, cpu, cuda
     batch_bytes: int = 32 << 20  # base weights per batch of matrices solved together
+    exact: bool = False  # complete base decompositions for every matrix instead of the certified path
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -64,10 +69,12 @@ class MatrixIntruders:
     """Per-matrix detection result, with the tuned top-k triplets kept for the editor."""
 
     intruders: list[int]  # indices among the top k
-    max_cos: torch.Tensor  # (k,) the decisive similarities
+    max_cos: torch.Tensor  # (k,) the decisive similarities (certified lower bounds; exact on the exact path)
+    max_cos_upper: torch.Tensor  # (k,) their certified upper bounds (equal on the exact path)
     max_cos_left: torch.Tensor | None  # (k,)
     max_cos_right: torch.Tensor | None  # (k,)
-    tuned: TopK  # at least k + 1 triplets when the matrix has them
+    tuned: Triplets  # at least k + 1 triplets when the matrix has them
+    fallback: bool = False  # the certified path could not decide; the exact path did
 
     @property
     def degenerate(self) -> list[int]:
@@ -77,38 +84,36 @@ class MatrixIntruders:
 
 def tuned_topk(base: torch.Tensor, tuned: torch.Tensor | Callable[[], torch.Tensor], k: int,
                spectrum: BaseSpectrum | None = None,
-               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> TopK:
-    """The top-k triplets of ``tuned`` (out, in) with their base cosines.
+               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> Triplets:
+    """The exact top-k triplets of ``tuned`` (out, in) with their base cosines, from the complete spectrum.
 
     With LoRA ``factors`` (tuned = base + B @ A) the structured path avoids the full SVD; otherwise,
-    or when it cannot decide a direction, the exact path runs. ``tuned`` may be a function that
-    builds the dense matrix, called only when the exact path needs it.
+    or when it cannot decide a direction, a full SVD runs. ``tuned`` may be a function that builds
+    the dense matrix, called only when the SVD needs it.
     """
     pair = MatrixPair("", tuple(base.shape), False, base, tuned, factors)
     return tuned_topks([pair], [spectrum or compute_spectrum(base)], k)[0]
 
 
-def tuned_topks(pairs: list[MatrixPair], spectra: list[BaseSpectrum], k: int) -> list[TopK]:
-    """``tuned_topk`` for many pairs: the LoRA ones are solved in batches by shape and rank."""
-    lowrank = [i for i, p in enumerate(pairs) if p.factors is not None]
-    problems = [LowRankProblem(pairs[i].base, *pairs[i].factors, spectra[i]) for i in lowrank]
-    out: list[TopK | None] = [None] * len(pairs)
-    for i, t in zip(lowrank, structured_topk_many(problems, k), strict=True):
-        out[i] = t
-    for i, t in enumerate(out):
-        if t is None:
-            out[i] = dense_topk(pairs[i].tuned, pairs[i].base, spectra[i], k)
-    return out
+def decisive(t: Triplets, side: Side) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lo, hi) of the decisive max|cos| of every triplet: with ``both``, the larger of the two sides."""
+    bounds = [t.bounds(s) for s in sides_of(side)]
+    lo = functools.reduce(torch.maximum, [b[0] for b in bounds])
+    return lo, functools.reduce(torch.maximum, [b[1] for b in bounds])
 
 
-def intruders_in(t: TopK, top_k: int, epsilon: float, side: Side) -> MatrixIntruders:
-    """Definition 1 on computed triplets: the top-k vectors whose largest |cos| is below ε."""
+def intruders_in(t: Triplets, top_k: int, epsilon: float, side: Side, fallback: bool = False) -> MatrixIntruders:
+    """Definition 1 on computed triplets: the top-k vectors whose largest |cos| is below ε.
+
+    A certified vector is an intruder when its upper bound is below ε (the solver made sure that
+    the bounds decide ε); on the exact path both bounds are the value itself.
+    """
     k = min(top_k, t.S.shape[0])
-    left = t.cos_left[:k].amax(dim=1) if side in ("left", "both") else None  # (k,)
-    right = t.cos_right[:k].amax(dim=1) if side in ("right", "both") else None  # (k,)
-    decisive = left if right is None else right if left is None else torch.maximum(left, right)
-    intruders = torch.nonzero(decisive < epsilon).flatten().tolist()
-    return MatrixIntruders(intruders, decisive, left, right, t)
+    lo, hi = (b[:k] for b in decisive(t, side))
+    left = t.bounds("left")[0][:k] if side in ("left", "both") else None  # (k,)
+    right = t.bounds("right")[0][:k] if side in ("right", "both") else None  # (k,)
+    intruders = torch.nonzero(hi < epsilon).flatten().tolist()
+    return MatrixIntruders(intruders, lo, hi, left, right, t, fallback)
 
 
 def find_intruders(base: torch.Tensor, tuned: torch.Tensor | Callable[[], torch.Tensor], top_k: int = 10,
@@ -143,46 +148,44 @@ def _report(pair: MatrixPair, found: MatrixIntruders) -> MatrixReport:
     k = found.max_cos.shape[0]
     return MatrixReport(
         name=pair.name, module_type=module_type(pair.name), shape=list(pair.shape), transposed=pair.transposed,
-        intruders=found.intruders, max_cos=_floats(found.max_cos), max_cos_left=_floats(found.max_cos_left),
-        max_cos_right=_floats(found.max_cos_right), sigma=_floats(found.tuned.S[:k]),
-        degenerate=found.degenerate, method=found.tuned.method,
-        effective_rank_delta=round(erank, 6), delta_norm=round(norm, 6),
+        intruders=found.intruders, max_cos=_floats(found.max_cos), max_cos_upper=_floats(found.max_cos_upper),
+        max_cos_left=_floats(found.max_cos_left), max_cos_right=_floats(found.max_cos_right),
+        sigma=_floats(found.tuned.S[:k]), degenerate=found.degenerate, method=found.tuned.method,
+        fallback=found.fallback, effective_rank_delta=round(erank, 6), delta_norm=round(norm, 6),
     )
 
 
-def _on_device(pair: MatrixPair, spec: BaseSpectrum, dev: torch.device) -> tuple[MatrixPair, BaseSpectrum]:
-    if dev.type == "cpu":
-        return pair, spec
-    factors = None if pair.factors is None else (pair.factors[0].to(dev), pair.factors[1].to(dev))
-    moved = MatrixPair(pair.name, pair.shape, pair.transposed, pair.base.to(dev), lambda: pair.tuned.to(dev), factors)
-    return moved, spec.to(dev)
+def analyse_pairs(src: PairSource, names: list[str], opts: DetectOptions, keep: int = 0, top_k: int | None = None,
+                  decisions: Decisions | None = None, precise: bool = False) -> list[tuple[MatrixPair, MatrixIntruders]]:
+    """Detect intruders in a batch of matrices (on ``opts.device``); results on the CPU, in order.
 
-
-def analyse_pairs(src: PairSource, names: list[str], opts: DetectOptions, keep: int = 0,
-                  top_k: int | None = None) -> list[tuple[MatrixPair, MatrixIntruders]]:
-    """Detect intruders in a batch of matrices (on ``opts.device``); results on the CPU, in order."""
-    dev = resolve_device(opts.device)
+    ``keep`` asks for more triplets than top_k + 1, all decided at ε (sweeps need 2k);
+    ``decisions`` replaces the (ε, n) pairs the certified bounds must decide (figures need several ε);
+    ``precise`` polishes the triplets in float64 for the editor.
+    """
     pairs = [src.pair(n) for n in names]
-    moved = [_on_device(p, src.spectrum(p), dev) for p in pairs]
     top_k = opts.top_k if top_k is None else top_k
-    tops = tuned_topks([m[0] for m in moved], [m[1] for m in moved], max(keep, top_k + 1))
-    found = [intruders_in(t, top_k, opts.epsilon, opts.side) for t in tops]
-    return list(zip(pairs, found if dev.type == "cpu" else [_to_cpu(f) for f in found], strict=True))
+    decisions = decisions if decisions is not None else ((opts.epsilon, max(keep, top_k)),)
+    solved = solve_pairs(src, pairs, max(keep, top_k + 1), opts.side, decisions, opts.exact, opts.device,
+                         precise)
+    found = [intruders_in(s.tuned, top_k, opts.epsilon, opts.side, s.fallback) for s in solved]
+    return list(zip(pairs, found, strict=True))
 
 
-def _to_cpu(found: MatrixIntruders) -> MatrixIntruders:
-    def cpu(x):
-        return None if x is None else x.cpu()
+def prefetch(src: PairSource, opts: DetectOptions, k: int) -> None:
+    """Compute the base spectra a cold run needs while peft resolves the adapter config (see PairSource):
+    truncated to what the top ``k`` needs on the certified path, complete under ``exact``."""
+    p_of = None if opts.exact else (lambda name: p_for(k, src.raw_rank(name), min(src.base.shape(name))))
+    src.prefetch_spectra(opts.workers, p_of, resolve_device(opts.device))
 
-    return MatrixIntruders(found.intruders, cpu(found.max_cos), cpu(found.max_cos_left), cpu(found.max_cos_right),
-                           found.tuned.cpu())
 
-
-def analyse(src: PairSource, opts: DetectOptions, keep: int = 0,
-            top_k: int | None = None) -> Iterator[tuple[MatrixPair, MatrixReport, MatrixIntruders]]:
+def analyse(src: PairSource, opts: DetectOptions, keep: int = 0, top_k: int | None = None,
+            decisions: Decisions | None = None,
+            precise: bool = False) -> Iterator[tuple[MatrixPair, MatrixReport, MatrixIntruders]]:
     """Every pair of ``src`` analysed in batches on all workers, in order, with the loaded pair."""
-    src.prefetch_spectra(opts.workers)
-    work = functools.partial(analyse_pairs, src, opts=opts, keep=keep, top_k=top_k)
+    prefetch(src, opts, max(keep, (opts.top_k if top_k is None else top_k) + 1))
+    work = functools.partial(analyse_pairs, src, opts=opts, keep=keep, top_k=top_k, decisions=decisions,
+                             precise=precise)
     results = ordered_batches(work, src.names, opts.workers, src.base.float32_bytes, opts.batch_bytes)
     for pair, found in tqdm(results, total=len(src), desc="detect", unit="matrix", disable=None):
         yield pair, _report(pair, found), found
@@ -196,5 +199,5 @@ def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> Detectio
     matrices = [report for _, report, _ in analyse(src, opts)]
     return DetectionReport.build(
         matrices, tool_version=__version__, base=base, tuned=tuned, top_k=opts.top_k,
-        epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats,
+        epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats, exact=opts.exact,
     )

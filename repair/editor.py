@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import lowrank_singular_values
+from .spectral.linalg import lowrank_singular_values
 
 
 @dataclass(frozen=True)

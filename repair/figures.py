@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .archs import module_type
-from .detector import DetectOptions, analyse, find_intruders
+from .detector import DetectOptions, analyse, analyse_pairs
 from .errors import RepairError
 from .pairs import PairSource
 from .sources import resolve
@@ -37,10 +37,15 @@ class MatrixStats:
 
 
 def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> list[MatrixStats]:
-    """One SVD pass: everything the figures need for every selected matrix."""
+    """One pass: everything the figures need for every selected matrix.
+
+    The counts are exact: every top-k vector is decided at each ε of the ε curve, and every top
+    k_max vector at ε for the k curve (the certified path refines, or solves exactly, what it must).
+    """
     stats = []
-    for _, report, found in analyse(opts.pairs(base, tuned), opts, top_k=k_max):
-        sim = found.tuned.cos_left[:k, :k].T  # (k base, k tuned)
+    decisions = (*((e, k) for e in EPSILONS), (opts.epsilon, k_max))
+    for _, report, found in analyse(opts.pairs(base, tuned), opts, top_k=k_max, decisions=decisions):
+        sim = found.tuned.cos_head("left", k)[:k].T  # (k base, k tuned)
         stats.append(MatrixStats(report.name, found.max_cos, found.tuned.S[:k_max], sim, report.effective_rank_delta))
     return stats
 
@@ -124,9 +129,7 @@ def plot_training(base: str, checkpoints: Path, matrix: str, k: int, opts: Detec
     rows, spectra = [], opts.spectra()  # one base spectrum for every step
     for f in tqdm(folders, desc="checkpoints", unit="step", disable=None):
         src = PairSource(resolve(base), resolve(str(f)), f"^{re.escape(matrix)}$", opts.allow_pickle, spectra)
-        pair = next(iter(src))
-        found = find_intruders(pair.base, pair.tuned, k, opts.epsilon, opts.side, src.spectrum(pair),
-                               pair.factors)
+        [(_, found)] = analyse_pairs(src, src.names, replace(opts, top_k=k))
         rows.append((_step(f), found.intruders, found.tuned.S[found.intruders].tolist()))
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .detector import DetectOptions, analyse
+from .detector import DetectOptions, analyse, decisive
 from .editor import MatrixPatch, make_patch
 from .errors import CheckpointError
 from .pairs import PairSource
@@ -39,16 +39,14 @@ class InPlacePatcher:
         self._load_tuned(src)
         self.entries: list[_Entry] = []
         # 2k triplets: after the ≤ k intruders shrink, the top k of W' are among them
-        for pair, _, found in analyse(src, opts, keep=2 * opts.top_k):
+        for pair, _, found in analyse(src, opts, keep=2 * opts.top_k, precise=True):
             if not found.intruders:
                 continue
             t = found.tuned
-            cos = t.cos_left.amax(dim=1) if opts.side != "right" else t.cos_right.amax(dim=1)
-            if opts.side == "both":
-                cos = torch.maximum(cos, t.cos_right.amax(dim=1))
+            upper = decisive(t, opts.side)[1]  # certified at ε for all 2k triplets
             param = self._param(pair.name)
             self.entries.append(_Entry(pair.name, param, pair.transposed, pair.tuned.float(), param.detach().clone(),
-                                       make_patch(t, found.intruders, 0.0), t.S, cos < opts.epsilon))
+                                       make_patch(t, found.intruders, 0.0), t.S, upper < opts.epsilon))
         self.scale = 1.0
 
     def _param(self, name: str) -> torch.Tensor:

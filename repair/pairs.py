@@ -18,7 +18,9 @@ from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
 from .pipeline import in_background, ordered_map
 from .sources import ModelSource
-from .spectra import BaseSpectrum, SpectraCache, tensor_key
+from .spectral.spectra import BaseSpectrum, tensor_key
+from .spectral.store import SpectraCache
+from .spectral.truncated import TruncatedSpectrum
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +128,24 @@ class PairSource:
         stored = pair.base.T if pair.transposed else pair.base
         return self.spectra.spectrum(stored, pair.transposed, self._keys.get(pair.name))
 
-    def prefetch_spectra(self, workers: int) -> None:
+    def truncated(self, pair: MatrixPair, p: int, device="cpu") -> TruncatedSpectrum:
+        """The top-``p`` base spectrum of a pair, in its (out, in) orientation: cached, or computed and stored."""
+        stored = pair.base.T if pair.transposed else pair.base
+        return self.spectra.truncated(stored, p, pair.transposed, self._keys.get(pair.name), device)
+
+    def raw_rank(self, name: str) -> int:
+        """The stored LoRA rank of the module updating ``name`` (0 for full tensors), without the config."""
+        if self.adapter is None or name not in self.lora_names:
+            return 0
+        keys = self.adapter.module_keys[self.lora_names[name]]
+        return self.adapter.reader.shape(keys.get("lora_A") or keys["lora_embedding_A"])[0]
+
+    def prefetch_spectra(self, workers: int, p_of: Callable[[str], int] | None = None, device="cpu") -> None:
         """Compute the missing base spectra before anything needs the adapter's settings.
 
         When peft has to resolve those settings, it does so on a background thread meanwhile, so
-        its slow import overlaps the decompositions instead of preceding them.
+        its slow import overlaps the decompositions instead of preceding them. With ``p_of`` the
+        spectra are truncated to ``p_of(name)`` directions (the certified path), else complete.
         """
         if self.adapter is None or self.adapter.settings_known:
             return  # nothing to overlap: spectra are computed as the analysis needs them
@@ -139,8 +154,10 @@ class PairSource:
             def work(name: str) -> None:
                 stored = _finite(self.base.get(name), name, self.base_source.path)
                 self._keys[name] = key = tensor_key(stored)
-                if key not in self.spectra:
+                if p_of is None and key not in self.spectra:
                     self.spectra.compute(key, stored)
+                elif p_of is not None and not self.spectra.has_truncated(key, p_of(name)):
+                    self.spectra.compute_truncated(key, stored, p_of(name), device)
 
             for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
                           unit="matrix", disable=None):

@@ -17,14 +17,15 @@ from . import __version__
 from .adapter_settings import ADAPTER_CONFIG, patched_config
 from .archs import module_type
 from .checkpoint import file_sha256
-from .detector import DetectOptions, analyse_pairs, tuned_topks
+from .detector import DetectOptions, analyse_pairs, prefetch
 from .editor import MatrixPatch, apply_patch, dora_row_scale, extend_lora, make_patch, truncation_error
 from .errors import RepairError
-from .linalg import lowrank_fro_norm
 from .pairs import MatrixPair, PairSource
 from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_scale
 from .report import InputFile, MatrixEdit, PatchReport, Provenance
+from .solver import solve_pairs
+from .spectral.linalg import lowrank_fro_norm
 from .writer import TensorWriter, atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,16 @@ def _edits(src: PairSource, names: list[str], opts: PatchOptions,
            plan: Plan | None) -> list[tuple[MatrixPair, MatrixPatch | None]]:
     """The patch of each matrix in a batch: from the plan, or from a fresh detection. None when untouched."""
     if plan is None:
-        found = analyse_pairs(src, names, opts.detect)
+        found = analyse_pairs(src, names, opts.detect, precise=True)
         return [(pair, make_patch(f.tuned, f.intruders, opts.scale) if f.intruders else None) for pair, f in found]
     pairs = [src.pair(n) for n in names]
     entries = [plan.matrices.get(p.name) for p in pairs]
     todo = [i for i, e in enumerate(entries) if e is not None and e.intruders]
     k = max((max(entries[i].intruders) + 1 for i in todo), default=1)
-    tops = tuned_topks([pairs[i] for i in todo], [src.spectrum(pairs[i]) for i in todo], k)
+    d = opts.detect
+    solved = solve_pairs(src, [pairs[i] for i in todo], k, d.side, (), d.exact, d.device, precise=True)
     out: list[tuple[MatrixPair, MatrixPatch | None]] = [(p, None) for p in pairs]
-    for i, tuned in zip(todo, tops, strict=True):
+    for i, tuned in zip(todo, (s.tuned for s in solved), strict=True):
         entry = entries[i]
         if max(entry.intruders) >= tuned.S.shape[0]:
             raise RepairError(f"--plan {opts.plan}: {pairs[i].name} has no singular vector {max(entry.intruders)}.")
@@ -288,7 +290,7 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
     join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))
     edits: list[MatrixEdit] = []
     try:
-        src.prefetch_spectra(opts.detect.workers)
+        prefetch(src, opts.detect, opts.detect.top_k + 1)
         join()
         provenance = hashed[0]
         meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}

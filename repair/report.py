@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 Side = Literal["left", "right", "both"]
 
 
@@ -22,15 +22,21 @@ class MatrixReport(BaseModel):
     shape: list[int] = Field(description="stored shape of the base tensor")
     transposed: bool = Field(False, description="stored as (in, out) and analysed as (out, in)")
     intruders: list[int] = Field(description="indices among the top k tuned singular vectors (0 = largest)")
-    max_cos: list[float] = Field(description="per top-k tuned vector, the largest |cos| with any base vector")
+    max_cos: list[float] = Field(description="per top-k tuned vector, the largest |cos| with any base vector "
+                                             "(method certified: a certified lower bound, exact where it "
+                                             "equals max_cos_upper)")
+    max_cos_upper: list[float] | None = Field(
+        None, description="certified upper bounds of max_cos (equal to it on the exact paths)")
     max_cos_left: list[float] | None = None
     max_cos_right: list[float] | None = None
     sigma: list[float] = Field(description="top-k singular values of W_tuned")
     degenerate: list[int] = Field(
         [], description="top-k indices whose σ is within 1e-3·σ_1 of a neighbour: their singular vectors, "
                         "and so their max_cos, are not unique")
-    method: str = Field("dense", description="structured (from the cached base spectrum and the LoRA factors) "
-                                             "or dense (a full SVD of W_tuned)")
+    method: str = Field("dense", description="certified (truncated base spectrum, certified bounds), structured "
+                                             "(complete base spectrum and the LoRA factors) or dense (a full SVD "
+                                             "of W_tuned)")
+    fallback: bool = Field(False, description="the certified path could not decide ε; the exact path answered")
     effective_rank_delta: float = Field(description="Roy & Vetterli effective rank of W_tuned - W0")
     delta_norm: float = Field(description="Frobenius norm of W_tuned - W0")
 
@@ -58,6 +64,8 @@ class DetectionReport(BaseModel):
     by_module_type: dict[str, ModuleTypeSummary] = {}
     matrices: list[MatrixReport] = []
     cache: dict[str, int] = Field({}, description="base spectra cache hits and misses")
+    exact: bool = Field(False, description="--exact: complete base decompositions for every matrix")
+    fallbacks: int = Field(0, description="matrices the certified path could not decide, solved exactly")
 
     @classmethod
     def build(cls, matrices: list[MatrixReport], **fields) -> DetectionReport:
@@ -72,7 +80,8 @@ class DetectionReport(BaseModel):
         for s in summary.values():
             s.mean_effective_rank_delta /= s.matrices
         total = sum(len(m.intruders) for m in matrices)
-        return cls(matrices=matrices, by_module_type=summary, total_intruders=total, **fields)
+        fallbacks = sum(m.fallback for m in matrices)
+        return cls(matrices=matrices, by_module_type=summary, total_intruders=total, fallbacks=fallbacks, **fields)
 
     def write_json(self, path: Path) -> None:
         """Write atomically: a temporary file in the same folder, then a rename."""
@@ -110,14 +119,25 @@ def render_table(report: DetectionReport, worst: int = 10) -> str:
     n = sum(s.matrices for s in report.by_module_type.values())
     lines.append(f"{'total':<16}{n:>9}{sum(bool(m.intruders) for m in report.matrices):>11}"
                  f"{report.total_intruders:>10}")
+    methods: dict[str, int] = {}
+    for m in report.matrices:
+        methods[m.method] = methods.get(m.method, 0) + 1
+    lines.append("method: " + ", ".join(f"{k} {v}" for k, v in sorted(methods.items()))
+                 + (f" ({report.fallbacks} not certified, solved exactly)" if report.fallbacks else ""))
     flagged = [m for m in report.worst(worst) if m.intruders]
     if flagged:
         lines += ["", f"Worst matrices (up to {worst}):",
                   f"{'matrix':<52}{'intruders (rank: σ, max|cos|)'}"]
         for m in flagged:
-            detail = ", ".join(f"{i}: {m.sigma[i]:.3g}, {m.max_cos[i]:.2f}" for i in m.intruders)
+            detail = ", ".join(f"{i}: {m.sigma[i]:.3g}, {_cos_text(m, i)}" for i in m.intruders)
             lines.append(f"{m.name:<52}{detail}")
     return "\n".join(lines)
+
+
+def _cos_text(m: MatrixReport, i: int) -> str:
+    """max|cos| to two decimals, or its certified range where the bounds differ at that precision."""
+    lo, hi = m.max_cos[i], (m.max_cos_upper or m.max_cos)[i]
+    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
 
 
 class InputFile(BaseModel):

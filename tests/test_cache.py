@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from repair.cli import main
 from repair.detector import DetectOptions, detect
 from repair.pipeline import ordered_batches
-from repair.spectra import SpectraCache, compute_spectrum, tensor_key
+from repair.spectral.spectra import compute_spectrum, tensor_key
+from repair.spectral.store import SpectraCache
 
 
 @pytest.fixture()
@@ -65,10 +66,15 @@ def test_detect_reuses_spectra_across_adapters(llama_base, llama_adapter, cache_
     second = detect(str(llama_base), str(llama_adapter))
     assert second.cache == {"computed": 0, "reused": len(first.matrices)}
     assert [m.intruders for m in second.matrices] == [m.intruders for m in first.matrices]
-    assert all(m.method == "structured" for m in second.matrices)
+    assert all(m.method == "certified" for m in second.matrices)
+    assert all(f.name.endswith("-top.safetensors") for f in files)  # truncated spectra only
     off = detect(str(llama_base), str(llama_adapter), DetectOptions(cache=False))
     assert off.cache == {"computed": len(first.matrices), "reused": 0}
     assert [m.max_cos for m in off.matrices] == [m.max_cos for m in first.matrices]
+    exact = detect(str(llama_base), str(llama_adapter), DetectOptions(exact=True))  # complete spectra, cached too
+    assert exact.cache == {"computed": len(first.matrices), "reused": 0}
+    assert all(m.method == "structured" for m in exact.matrices)
+    assert len(list((cache_dir / "spectra").glob("*.safetensors"))) == 2 * len(first.matrices)
 
 
 def test_threads_and_batches_do_not_change_results(llama_base, llama_adapter, cache_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from repair.detector import find_intruders
-from repair.linalg import effective_rank, lowrank_singular_values, svd
+from repair.spectral.linalg import effective_rank, lowrank_singular_values, svd
 
 
 def orthonormal(n: int, gen: torch.Generator) -> torch.Tensor:

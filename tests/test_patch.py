@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from repair.checkpoint import file_sha256
 from repair.cli import main
 from repair.detector import DetectOptions
-from repair.editor import apply_patch, make_patch
 from repair.pairs import PairSource
 from repair.patcher import PatchOptions, patch
 from repair.sources import resolve
@@ -25,14 +24,15 @@ MODELS = {"llama": (tiny_llama, "llama_base", ["q_proj", "v_proj", "down_proj"],
 
 
 def expected_weights(base, adapter, scale, top_k=10, epsilon=0.5):
-    """W' per matrix, computed directly from the library's pieces: the oracle for the writers."""
-    from repair.detector import find_intruders
-
+    """W' per matrix from float64 SVDs of W0 and W_tuned (Definition 1 itself): the oracle for the writers."""
     out = {}
     for pair in PairSource(resolve(str(base)), resolve(str(adapter))):
-        found = find_intruders(pair.base, pair.tuned, top_k, epsilon, factors=pair.factors)
-        W = apply_patch(pair.tuned, make_patch(found.tuned, found.intruders, scale))
-        out[pair.name] = (W.T if pair.transposed else W, bool(found.intruders))
+        Wt = pair.tuned.double()
+        U, S, Vh = torch.linalg.svd(Wt, full_matrices=False)
+        U0 = torch.linalg.svd(pair.base.double(), full_matrices=False)[0]
+        idx = torch.nonzero((U[:, :top_k].T @ U0).abs().amax(1) < epsilon).flatten()
+        W = Wt + (scale - 1) * (U[:, idx] * S[idx]) @ Vh[idx]
+        out[pair.name] = (W.T if pair.transposed else W, bool(len(idx)))
     return out
 
 

@@ -39,7 +39,7 @@ def test_intruder_sets_equal_peft(llama_base, llama_adapter):
     opts = DetectOptions(top_k=top_k, epsilon=eps)
     assert set(counts) == set(pairs.names)
     total = 0
-    for pair, report, found in analyse(pairs, opts):  # the structured path, as `repair patch` runs it
+    for pair, report, found in analyse(pairs, opts, precise=True):  # as `repair patch` runs it
         assert (found.max_cos - eps).abs().min() > 1e-3, "too close to the threshold for a stable comparison"
         assert len(report.intruders) == counts[pair.name], pair.name
         total += len(report.intruders)
@@ -129,6 +129,6 @@ def test_report_measures_peft_truncation_gap(llama_base, llama_adapter, tmp_path
 
 
 def tuned_svd_of(pair):
-    from repair.linalg import svd
+    from repair.spectral.linalg import svd
 
     return svd(pair.tuned)

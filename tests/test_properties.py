@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from repair.detector import find_intruders
 from repair.editor import apply_patch, make_patch
-from repair.linalg import svd
+from repair.spectral.linalg import svd
 
 DTYPES = st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16])
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

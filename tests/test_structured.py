@@ -7,8 +7,8 @@ import torch
 
 from repair.detector import find_intruders, tuned_topks
 from repair.pairs import MatrixPair
-from repair.spectra import compute_spectrum
-from repair.topk import DENSE_SIZE, dense_topk, structured_topk, structured_topk_many
+from repair.spectral.spectra import compute_spectrum
+from repair.spectral.topk import DENSE_SIZE, dense_topk, structured_topk, structured_topk_many
 
 K = 10
 SHAPES = {"square": (96, 96), "tall": (160, 96), "wide": (96, 160),
@@ -88,7 +88,7 @@ def test_random_matches_full_svd(shape, r):
 @pytest.mark.parametrize("shape", ["square-iterative", "tall-iterative", "wide-iterative"])
 @pytest.mark.parametrize("make", [planted_lowrank, random_lowrank])
 def test_iterative_solver_converges_without_the_dense_fallback(shape, make, monkeypatch):
-    import repair.topk as topk
+    import repair.spectral.topk as topk
 
     m, n = SHAPES[shape]
     assert min(m, n) > DENSE_SIZE
@@ -116,7 +116,7 @@ def test_equal_singular_values_are_flagged_degenerate():
 
 def test_batched_equals_one_at_a_time():
     problems = [planted_lowrank(200, 400, 4, seed=s) for s in range(3)] + [random_lowrank(400, 200, 4, seed=9)]
-    from repair.topk import LowRankProblem
+    from repair.spectral.topk import LowRankProblem
 
     batch = structured_topk_many([LowRankProblem(W0, B, A, compute_spectrum(W0)) for W0, B, A in problems], K)
     for (W0, B, A), t in zip(problems, batch, strict=True):

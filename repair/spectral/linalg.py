@@ -28,10 +28,15 @@ def fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
     Ties between entries of equal magnitude go to the lowest index (``argmax`` rule).
     """
-    idx = U.abs().argmax(dim=0)  # (p,)
-    signs = torch.sign(U[idx, torch.arange(U.shape[1])])
-    signs[signs == 0] = 1
-    return U * signs, Vh * signs[:, None]
+    signs = sign_rule(U)
+    return U * signs[..., None, :], Vh * signs[..., :, None]
+
+
+def sign_rule(U: torch.Tensor) -> torch.Tensor:
+    """(..., p) ±1 per column of U (..., d, p): the sign that makes its largest-magnitude entry positive."""
+    idx = U.abs().argmax(dim=-2, keepdim=True)  # (..., 1, p)
+    signs = torch.sign(torch.gather(U, -2, idx)).squeeze(-2)
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
 def svd(W: torch.Tensor) -> SVD:

@@ -17,9 +17,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Protocol
 
 import torch
 
+from .krylov import orthonormal_complement, sym
 from .linalg import fix_signs, svd
 from .spectra import BaseSpectrum, SideName
 
@@ -31,6 +33,28 @@ DENSE_SIZE = 160  # smaller problems are solved densely
 MAX_BASIS_FRACTION = 0.5  # a basis larger than this share of p goes dense instead
 MAX_ROUNDS = 12
 Q_EXTRA = 8  # head coordinate vectors beyond k + r
+
+
+class Triplets(Protocol):
+    """What detection and editing need of a matrix's top-k, from any path (exact or certified)."""
+
+    S: torch.Tensor  # (k,)
+    degenerate: torch.Tensor  # (k,) bool
+    method: str
+
+    @property
+    def U(self) -> torch.Tensor: ...  # (m, k)
+
+    @property
+    def Vh(self) -> torch.Tensor: ...  # (k, n)
+
+    def bounds(self, side: SideName) -> tuple[torch.Tensor, torch.Tensor]: ...  # (k,), (k,)
+
+    def cos_head(self, side: SideName, h: int) -> torch.Tensor: ...  # (k, h)
+
+    def transposed(self) -> Triplets: ...
+
+    def cpu(self) -> Triplets: ...
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,15 @@ class TopK:
     def cos_right(self) -> torch.Tensor:
         return self.cos("right")
 
+    def bounds(self, side: SideName) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) of each vector's max|cos| with every base vector: equal, since this path is exact."""
+        c = self.cos(side).amax(dim=1)
+        return c, c
+
+    def cos_head(self, side: SideName, h: int) -> torch.Tensor:
+        """(k, h) |cos| with the top-h base singular vectors."""
+        return self.cos(side)[:, :h]
+
     def transposed(self) -> TopK:
         """The same triplets for Wᵀ (signs fixed again in the new orientation)."""
         known = {("right" if s == "left" else "left"): c for s, c in self.known.items()}
@@ -94,7 +127,7 @@ class TopK:
                     {s: c.cpu() for s, c in self.known.items()}, lambda: (U, Vh))
 
 
-def _degenerate(S: torch.Tensor) -> torch.Tensor:
+def degenerate_flags(S: torch.Tensor) -> torch.Tensor:
     """Flag each σ_i that lies within DEGENERATE_GAP · σ_1 of its neighbours."""
     flags = torch.zeros(S.shape[0], dtype=torch.bool, device=S.device)
     if S.numel() > 1:
@@ -109,7 +142,7 @@ def dense_topk(W: torch.Tensor, W0: torch.Tensor, spec: BaseSpectrum, k: int) ->
     t = svd(W)
     k = min(k, t.S.shape[0])
     U, Vh = t.U[:, :k], t.Vh[:k]
-    return TopK(t.S[:k], _degenerate(t.S[:k]), "dense", W0, spec, {}, lambda: (U, Vh))
+    return TopK(t.S[:k], degenerate_flags(t.S[:k]), "dense", W0, spec, {}, lambda: (U, Vh))
 
 
 @dataclass(frozen=True)
@@ -178,7 +211,7 @@ def _solve_batch(problems: list[LowRankProblem], k: int) -> list[TopK | None]:
             results.append(None)  # (near-)zero σ: the vector is arbitrary; let the exact path pick it
             continue
         known = {"left": Y[i].T.abs().to(cd), "right": R[i].T.abs().to(cd)}
-        results.append(TopK(S[i].to(cd), _degenerate(S[i]), "structured", pr.W0, pr.spec, known,
+        results.append(TopK(S[i].to(cd), degenerate_flags(S[i]), "structured", pr.W0, pr.spec, known,
                             partial(_lowrank_vectors, pr, Y[i], S[i], cd)))
     return results
 
@@ -210,7 +243,7 @@ def top_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tuple
     Q = torch.eye(p, q, dtype=d.dtype, device=d.device).expand(b, p, q)
     MQ = mul(Q)
     T = MQ[:, :q]  # Qᵀ M Q for Q = the first q coordinate vectors
-    new = _orthonormal_complement(F, Q)
+    new = orthonormal_complement(F, Q)
     for _ in range(MAX_ROUNDS):
         if Q.shape[-1] + new.shape[-1] > MAX_BASIS_FRACTION * p:
             break
@@ -218,7 +251,7 @@ def top_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tuple
         cross = Q.mT @ M_new  # (b, s, s_new)
         T = torch.cat([torch.cat([T, cross], -1), torch.cat([cross.mT, new.mT @ M_new], -1)], -2)
         Q, MQ = torch.cat([Q, new], -1), torch.cat([MQ, M_new], -1)
-        theta, S = torch.linalg.eigh(_sym(T))
+        theta, S = torch.linalg.eigh(sym(T))
         theta, S = theta.flip(-1)[..., :k], S.flip(-1)[..., :k]
         Y = Q @ S  # (b, p, k)
         resid = (MQ @ S - Y * theta[:, None, :]).norm(dim=-2)  # (b, k)
@@ -231,39 +264,12 @@ def top_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tuple
         gap = torch.where(gap.abs() < floor, floor, gap)
         C = torch.zeros_like(Yt)
         C[:, q:] = (F[:, q:] @ (H @ (F.mT @ Yt))) / gap
-        new = _orthonormal_complement(C, Q)
+        new = orthonormal_complement(C, Q)
     logger.debug("no convergence for p=%d; solving densely", p)
     return _dense_eigs(d, F, H, k)
 
 
-def _sym(T: torch.Tensor) -> torch.Tensor:
-    return (T + T.mT) / 2
-
-
 def _dense_eigs(d: torch.Tensor, F: torch.Tensor, H: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     M = torch.diag_embed(d) + F @ H @ F.mT
-    theta, Y = torch.linalg.eigh(_sym(M))
+    theta, Y = torch.linalg.eigh(sym(M))
     return theta.flip(-1)[..., :k], Y.flip(-1)[..., :k]
-
-
-def _orthonormal_complement(block: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns (b, p, c) spanning ``block`` minus its part in span(Q).
-
-    Classical Gram-Schmidt before and after the QR ("twice is enough"). A column with nothing left
-    is replaced by a coordinate vector past Q's width: any direction outside span(Q) is a harmless
-    addition to a Rayleigh-Ritz basis.
-    """
-    def project(x: torch.Tensor) -> torch.Tensor:
-        return x - Q @ (Q.mT @ x)
-
-    scale = block.norm(dim=(-2, -1), keepdim=True)
-    block = project(block)
-    weak = block.norm(dim=-2, keepdim=True) <= 1e-8 * scale  # (b, 1, c), all when scale == 0
-    if weak.any():
-        p, c, s = block.shape[-2], block.shape[-1], Q.shape[-1]
-        cols = torch.arange(s, s + c, device=block.device) % p
-        fill = torch.eye(p, dtype=block.dtype, device=block.device)[:, cols]
-        block = project(torch.where(weak, fill, block))
-    Qb, _ = torch.linalg.qr(block)
-    Qb, _ = torch.linalg.qr(project(Qb))  # re-orthogonalise what QR made of nearly dependent columns
-    return Qb

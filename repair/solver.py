@@ -1,0 +1,84 @@
+"""The tuned top-k of loaded matrix pairs: certified from truncated base spectra, exact where it must be.
+
+The certified path (``spectral.certified``) needs only the top p base triplets, cached per base
+tensor. A matrix it cannot decide, and every matrix under ``exact``, takes the exact path: the
+complete base spectrum, then the structured top-k for LoRA factors or a full SVD otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .pairs import MatrixPair, PairSource
+from .pipeline import resolve_device
+from .report import Side
+from .spectral.certified import CertifiedProblem, Decisions, certified_topk_many
+from .spectral.spectra import BaseSpectrum, SideName
+from .spectral.topk import LowRankProblem, Triplets, dense_topk, structured_topk_many
+from .spectral.truncated import p_for
+
+logger = logging.getLogger(__name__)
+
+
+def sides_of(side: Side) -> tuple[SideName, ...]:
+    return ("left", "right") if side == "both" else (side,)
+
+
+@dataclass(frozen=True)
+class Solved:
+    tuned: Triplets  # on the CPU
+    fallback: bool  # the certified path could not decide and the exact path answered
+
+
+def tuned_topks(pairs: list[MatrixPair], spectra: list[BaseSpectrum], k: int) -> list[Triplets]:
+    """The exact path for many pairs: LoRA pairs are solved in batches by shape and rank, the rest by SVD."""
+    lowrank = [i for i, p in enumerate(pairs) if p.factors is not None]
+    problems = [LowRankProblem(pairs[i].base, *pairs[i].factors, spectra[i]) for i in lowrank]
+    out: list[Triplets | None] = [None] * len(pairs)
+    for i, t in zip(lowrank, structured_topk_many(problems, k), strict=True):
+        out[i] = t
+    for i, t in enumerate(out):
+        if t is None:
+            out[i] = dense_topk(pairs[i].tuned, pairs[i].base, spectra[i], k)
+    return out
+
+
+def _on_device(pair: MatrixPair, dev: torch.device) -> MatrixPair:
+    if dev.type == "cpu":
+        return pair
+    factors = None if pair.factors is None else (pair.factors[0].to(dev), pair.factors[1].to(dev))
+    return MatrixPair(pair.name, pair.shape, pair.transposed, pair.base.to(dev), lambda: pair.tuned.to(dev), factors)
+
+
+def exact_topks(src: PairSource, pairs: list[MatrixPair], k: int, dev: torch.device) -> list[Triplets]:
+    moved = [_on_device(p, dev) for p in pairs]
+    return tuned_topks(moved, [src.spectrum(p).to(dev) for p in pairs], k)
+
+
+def certified_problem(src: PairSource, pair: MatrixPair, k: int, dev: torch.device) -> CertifiedProblem:
+    rank = 0 if pair.factors is None else pair.factors[0].shape[1]
+    spec = src.truncated(pair, p_for(k, rank, min(pair.base.shape)), dev)
+    moved = _on_device(pair, dev)
+    return CertifiedProblem(moved.base, spec, moved.factors, None if moved.factors is not None else moved.tuned)
+
+
+def solve_pairs(src: PairSource, pairs: list[MatrixPair], k: int, side: Side, decisions: Decisions,
+                exact: bool = False, device: str = "auto", precise: bool = False) -> list[Solved]:
+    """The top ``k`` triplets of each pair, on the CPU, with bounds that decide every (τ, n) in ``decisions``.
+
+    ``precise`` polishes certified triplets in float64: for the editor, which writes them into weights.
+    """
+    dev = resolve_device(device)
+    if exact:
+        return [Solved(t.cpu(), False) for t in exact_topks(src, pairs, k, dev)]
+    problems = [certified_problem(src, p, k, dev) for p in pairs]
+    certs: list[Triplets | None] = list(certified_topk_many(problems, k, sides_of(side), decisions, precise))
+    missing = [i for i, t in enumerate(certs) if t is None]
+    if missing:
+        logger.info("%d of %d matrices not certified; solving them exactly", len(missing), len(pairs))
+        for i, t in zip(missing, exact_topks(src, [pairs[i] for i in missing], k, dev), strict=True):
+            certs[i] = t
+    return [Solved(t.cpu(), i in missing) for i, t in enumerate(certs)]

@@ -1,0 +1,164 @@
+"""Block Krylov solvers for symmetric positive semi-definite operators, batched over problems.
+
+An operator is a function ``op(X)`` mapping a batch of blocks (b, d, c) to (b, d, c); it is never
+formed as a matrix. Two routines:
+
+- ``top_eigenpairs``: the top eigenpairs by Rayleigh-Ritz on a growing basis, expanded each round
+  with the residuals of the wanted Ritz pairs (a block Lanczos process with thick restarts), until
+  every wanted residual is below a tolerance. The residual norms come back with the pairs, so
+  callers can bound what the approximation may have changed.
+- ``lanczos_quadrature``: ``s`` Lanczos steps per column, with full reorthogonalisation, giving the
+  nodes and weights of the Gauss quadrature of each column's spectral measure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Operator = Callable[[torch.Tensor], torch.Tensor]  # (b, d, c) -> (b, d, c)
+GUARD = 8  # Ritz pairs carried beyond the wanted ones: they speed up convergence of the last wanted
+
+
+def sym(T: torch.Tensor) -> torch.Tensor:
+    return (T + T.mT) / 2
+
+
+def orthonormal_complement(block: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """Orthonormal columns (b, d, c) spanning ``block`` minus its part in span(Q).
+
+    Classical Gram-Schmidt before and after the QR ("twice is enough"). A column with nothing left
+    is replaced by a coordinate vector past Q's width: any direction outside span(Q) is a harmless
+    addition to a Rayleigh-Ritz basis.
+    """
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return x if Q is None else x - Q @ (Q.mT @ x)
+
+    scale = block.norm(dim=(-2, -1), keepdim=True)
+    block = project(block)
+    weak = block.norm(dim=-2, keepdim=True) <= 1e-8 * scale  # (b, 1, c), all when scale == 0
+    if weak.any():
+        d, c, s = block.shape[-2], block.shape[-1], 0 if Q is None else Q.shape[-1]
+        cols = torch.arange(s, s + c, device=block.device) % d
+        fill = torch.eye(d, dtype=block.dtype, device=block.device)[:, cols]
+        block = project(torch.where(weak, fill, block))
+    Qb, _ = torch.linalg.qr(block)
+    Qb, _ = torch.linalg.qr(project(Qb))  # re-orthogonalise what QR made of nearly dependent columns
+    return Qb
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Ritz pairs of a batch: the wanted ones first, then the guard pairs."""
+
+    theta: torch.Tensor  # (b, k') float64, descending
+    Y: torch.Tensor  # (b, d, k') orthonormal Ritz vectors
+    residual: torch.Tensor  # (b, k') float64 ‖op(y) - θ y‖
+    converged: bool
+    products: int  # operator applications per problem (columns)
+
+
+def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_dim: int,
+                   max_products: int) -> EigenResult:
+    """The top ``k`` eigenpairs of ``op`` from the span of ``start`` (b, d, c) and its Krylov blocks.
+
+    A problem is converged when every wanted residual is at most ``tol · θ_1``; its pairs are kept
+    from that round on, and every round expands all problems with all wanted residuals, so a
+    problem's answer does not depend on the others in its batch. The basis restarts from the
+    current Ritz vectors when it would pass ``max_dim`` columns; the solver gives up (returning the
+    pairs it has, ``converged=False``) after ``max_products`` operator columns.
+    """
+    d = start.shape[-2]
+    want = min(k + GUARD, d)
+    V = orthonormal_complement(start, None)
+    AV, products = op(V), V.shape[-1]
+    kept: EigenResult | None = None
+    done = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+    while True:
+        theta, S = torch.linalg.eigh(sym(V.mT @ AV).double())
+        theta, S = theta.flip(-1)[..., :want], S.flip(-1)[..., :want].to(V.dtype)
+        Y, AY = V @ S, AV @ S
+        R = AY - Y * theta[:, None, :].to(V.dtype)
+        resid = R.double().norm(dim=-2)  # (b, want)
+        floor = tol * theta[:, :1].abs().clamp_min(torch.finfo(V.dtype).tiny)
+        complete = V.shape[-1] >= d  # the basis is the whole space: Rayleigh-Ritz is exact
+        now = (resid[:, :k] <= floor).all(1) | complete
+        current = EigenResult(theta, Y, resid, bool(now.all()), products)
+        kept = current if kept is None else _merge(kept, current, ~done)  # frozen once converged
+        done |= now
+        if done.all() or products >= max_products or complete:
+            if not done.all():
+                logger.debug("block Krylov stopped after %d products with %d of %d problems unconverged",
+                             products, int((~done).sum()), done.numel())
+            return EigenResult(kept.theta, kept.Y, kept.residual, bool(done.all()), products)
+        if V.shape[-1] + want > max_dim:
+            V, AV = Y, AY  # thick restart: keep the Ritz vectors and their images
+        new = orthonormal_complement(R, V)[..., : d - V.shape[-1]]
+        V, AV = torch.cat([V, new], -1), torch.cat([AV, op(new)], -1)
+        products += new.shape[-1]
+
+
+def _merge(kept: EigenResult, current: EigenResult, take: torch.Tensor) -> EigenResult:
+    """``current`` for the problems in ``take`` (b,), ``kept`` for the others."""
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(take.view(-1, *[1] * (a.ndim - 1)), b, a)
+
+    return EigenResult(pick(kept.theta, current.theta), pick(kept.Y, current.Y),
+                       pick(kept.residual, current.residual), current.converged, current.products)
+
+
+@dataclass(frozen=True)
+class Quadrature:
+    """Gauss quadrature of the spectral measure of each column: nodes ascending, weights summing
+    to the column's squared norm. Columns that broke down early carry zero-weight padding nodes at -1."""
+
+    nodes: torch.Tensor  # (b, c, s) float64
+    weights: torch.Tensor  # (b, c, s) float64
+
+
+def lanczos_quadrature(op: Operator, X: torch.Tensor, steps: int, deflate: torch.Tensor | None = None) -> Quadrature:
+    """``steps`` Lanczos steps of ``P op P`` from each column of X (b, d, c), P = I - Q Qᵀ for ``deflate`` Q.
+
+    Every column runs its own recurrence (the operator is applied to all of them at once), fully
+    reorthogonalised against its earlier vectors, so the tridiagonal matrices are those of exact
+    arithmetic on a nearby problem.
+    """
+    b, d, c = X.shape
+    steps = max(1, min(steps, d))
+    dt = X.dtype
+
+    def project(Z: torch.Tensor) -> torch.Tensor:
+        return Z if deflate is None else Z - deflate @ (deflate.mT @ Z)
+
+    X = project(X)
+    norm = X.double().norm(dim=-2)  # (b, c)
+    q = X / norm.clamp_min(1e-300)[:, None, :].to(dt)
+    basis = torch.zeros(b, steps, d, c, dtype=dt, device=X.device)
+    alpha = torch.zeros(b, c, steps, dtype=torch.float64, device=X.device)
+    beta = torch.zeros(b, c, steps, dtype=torch.float64, device=X.device)
+    alive = norm > 0  # (b, c)
+    for j in range(steps):
+        basis[:, j] = q
+        w = project(op(q))
+        alpha[..., j] = (q * w).sum(-2).double()
+        for _ in range(2):  # full reorthogonalisation, twice
+            coef = torch.einsum("bsdc,bdc->bsc", basis[:, : j + 1], w)
+            w = w - torch.einsum("bsdc,bsc->bdc", basis[:, : j + 1], coef)
+            w = project(w)
+        nb = w.double().norm(dim=-2)  # (b, c)
+        alpha[..., j] = torch.where(alive, alpha[..., j], torch.full_like(alpha[..., j], -1.0))
+        if j + 1 < steps:
+            scale = alpha[..., : j + 1].abs().amax(-1).clamp_min(1e-300)
+            alive = alive & (nb > 1e-10 * scale)  # broken down: the measure is resolved exactly
+            beta[..., j] = torch.where(alive, nb, torch.zeros_like(nb))
+            q = torch.where(alive[:, None, :], w / nb.clamp_min(1e-300)[:, None, :].to(dt), torch.zeros_like(w))
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1) + torch.diag_embed(beta[..., :-1], -1)
+    nodes, vecs = torch.linalg.eigh(T)  # ascending
+    weights = vecs[..., 0, :] ** 2 * (norm**2)[..., None]
+    weights = torch.where(nodes < -0.5, torch.zeros_like(weights), weights)  # padding of dead columns
+    return Quadrature(nodes, weights)
