@@ -49,7 +49,14 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-_DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device", "exact")
+_DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device", "method",
+                  "exact")
+
+
+def _method(method: str | None, exact: bool) -> str:
+    if exact and method not in (None, "exact"):
+        raise click.UsageError(f"--exact contradicts --method {method}; pass one of them.")
+    return "exact" if exact else method or "auto"
 
 
 def _detect_options(f):
@@ -65,7 +72,7 @@ def _detect_options(f):
         kwargs["detect_opts"] = DetectOptions(
             top_k=p["top_k"], epsilon=p["epsilon"], side=p["side"], modules=p["modules"],
             allow_pickle=p["allow_pickle"], cache=not p["no_cache"], threads=p["threads"], device=p["device"],
-            exact=p["exact"])
+            method=_method(p["method"], p["exact"]))
         return f(*args, **kwargs)
 
     for opt in reversed([
@@ -79,9 +86,10 @@ def _detect_options(f):
         click.option("--threads", default=0, show_default=True, type=int,
                      help="Matrices processed side by side (0: one per core)."),
         click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda."),
-        click.option("--exact", is_flag=True,
-                     help="Decompose every base matrix completely instead of certifying from its top singular "
-                          "triplets (slower; same answers)."),
+        click.option("--method", type=click.Choice(["auto", "certified", "exact"]), default=None,
+                     help="certified: bounds from each base matrix's top singular triplets; exact: complete base "
+                          "decompositions; auto (default): certified where the smaller side is >= 1024."),
+        click.option("--exact", is_flag=True, help="Same as --method exact."),
     ]):
         wrapper = opt(wrapper)
     return wrapper

@@ -16,7 +16,7 @@ from .errors import RepairError
 from .pairs import MatrixPair, PairSource
 from .pipeline import default_workers, ordered_batches, resolve_device
 from .report import DetectionReport, MatrixReport, Side
-from .solver import sides_of, solve_pairs, tuned_topks
+from .solver import Method, certifies, sides_of, solve_pairs, tuned_topks
 from .sources import resolve
 from .spectral.certified import Decisions
 from .spectral.linalg import effective_rank, lowrank_singular_values
@@ -39,7 +39,7 @@ class DetectOptions:
     threads: int = 0  # matrices processed side by side; 0 = one per core
     device: str = "auto"  # where the linear algebra runs: auto, cpu, cuda
     batch_bytes: int = 32 << 20  # base weights per batch of matrices solved together
-    exact: bool = False  # complete base decompositions for every matrix instead of the certified path
+    method: Method = "auto"  # certified, exact (complete base decompositions), or auto (by size, see solver)
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -48,6 +48,8 @@ class DetectOptions:
             raise RepairError(f"--epsilon: expected a number in (0, 1], got {self.epsilon}.")
         if self.side not in ("left", "right", "both"):
             raise RepairError(f"--side: expected left, right or both, got {self.side!r}.")
+        if self.method not in ("auto", "certified", "exact"):
+            raise RepairError(f"--method: expected auto, certified or exact, got {self.method!r}.")
         if self.threads < 0:
             raise RepairError(f"--threads: expected an integer >= 0 (0 = one per core), got {self.threads}.")
         resolve_device(self.device)
@@ -166,7 +168,7 @@ def analyse_pairs(src: PairSource, names: list[str], opts: DetectOptions, keep: 
     pairs = [src.pair(n) for n in names]
     top_k = opts.top_k if top_k is None else top_k
     decisions = decisions if decisions is not None else ((opts.epsilon, max(keep, top_k)),)
-    solved = solve_pairs(src, pairs, max(keep, top_k + 1), opts.side, decisions, opts.exact, opts.device,
+    solved = solve_pairs(src, pairs, max(keep, top_k + 1), opts.side, decisions, opts.method, opts.device,
                          precise)
     found = [intruders_in(s.tuned, top_k, opts.epsilon, opts.side, s.fallback) for s in solved]
     return list(zip(pairs, found, strict=True))
@@ -174,8 +176,11 @@ def analyse_pairs(src: PairSource, names: list[str], opts: DetectOptions, keep: 
 
 def prefetch(src: PairSource, opts: DetectOptions, k: int) -> None:
     """Compute the base spectra a cold run needs while peft resolves the adapter config (see PairSource):
-    truncated to what the top ``k`` needs on the certified path, complete under ``exact``."""
-    p_of = None if opts.exact else (lambda name: p_for(k, src.raw_rank(name), min(src.base.shape(name))))
+    truncated to what the top ``k`` needs for the certified path, complete for the exact one."""
+    def p_of(name: str) -> int | None:
+        shape = src.base.shape(name)
+        return p_for(k, src.raw_rank(name), min(shape)) if certifies(opts.method, shape) else None
+
     src.prefetch_spectra(opts.workers, p_of, resolve_device(opts.device))
 
 
@@ -199,5 +204,5 @@ def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> Detectio
     matrices = [report for _, report, _ in analyse(src, opts)]
     return DetectionReport.build(
         matrices, tool_version=__version__, base=base, tuned=tuned, top_k=opts.top_k,
-        epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats, exact=opts.exact,
+        epsilon=opts.epsilon, side=opts.side, modules=opts.modules, cache=src.spectra.stats, method=opts.method,
     )

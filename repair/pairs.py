@@ -140,12 +140,12 @@ class PairSource:
         keys = self.adapter.module_keys[self.lora_names[name]]
         return self.adapter.reader.shape(keys.get("lora_A") or keys["lora_embedding_A"])[0]
 
-    def prefetch_spectra(self, workers: int, p_of: Callable[[str], int] | None = None, device="cpu") -> None:
+    def prefetch_spectra(self, workers: int, p_of: Callable[[str], int | None] | None = None, device="cpu") -> None:
         """Compute the missing base spectra before anything needs the adapter's settings.
 
         When peft has to resolve those settings, it does so on a background thread meanwhile, so
-        its slow import overlaps the decompositions instead of preceding them. With ``p_of`` the
-        spectra are truncated to ``p_of(name)`` directions (the certified path), else complete.
+        its slow import overlaps the decompositions instead of preceding them. Spectra are truncated
+        to ``p_of(name)`` directions (the certified path), or complete where that is None.
         """
         if self.adapter is None or self.adapter.settings_known:
             return  # nothing to overlap: spectra are computed as the analysis needs them
@@ -154,10 +154,11 @@ class PairSource:
             def work(name: str) -> None:
                 stored = _finite(self.base.get(name), name, self.base_source.path)
                 self._keys[name] = key = tensor_key(stored)
-                if p_of is None and key not in self.spectra:
+                p = None if p_of is None else p_of(name)
+                if p is None and key not in self.spectra:
                     self.spectra.compute(key, stored)
-                elif p_of is not None and not self.spectra.has_truncated(key, p_of(name)):
-                    self.spectra.compute_truncated(key, stored, p_of(name), device)
+                elif p is not None and not self.spectra.has_truncated(key, p):
+                    self.spectra.compute_truncated(key, stored, p, device)
 
             for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
                           unit="matrix", disable=None):

@@ -70,7 +70,7 @@ def _edits(src: PairSource, names: list[str], opts: PatchOptions,
     todo = [i for i, e in enumerate(entries) if e is not None and e.intruders]
     k = max((max(entries[i].intruders) + 1 for i in todo), default=1)
     d = opts.detect
-    solved = solve_pairs(src, [pairs[i] for i in todo], k, d.side, (), d.exact, d.device, precise=True)
+    solved = solve_pairs(src, [pairs[i] for i in todo], k, d.side, (), d.method, d.device, precise=True)
     out: list[tuple[MatrixPair, MatrixPatch | None]] = [(p, None) for p in pairs]
     for i, tuned in zip(todo, (s.tuned for s in solved), strict=True):
         entry = entries[i]

@@ -64,7 +64,8 @@ class DetectionReport(BaseModel):
     by_module_type: dict[str, ModuleTypeSummary] = {}
     matrices: list[MatrixReport] = []
     cache: dict[str, int] = Field({}, description="base spectra cache hits and misses")
-    exact: bool = Field(False, description="--exact: complete base decompositions for every matrix")
+    method: str = Field("auto", description="--method: certified, exact, or auto (certified where the smaller "
+                                            "side is at least 1024)")
     fallbacks: int = Field(0, description="matrices the certified path could not decide, solved exactly")
 
     @classmethod

@@ -1,14 +1,18 @@
 """The tuned top-k of loaded matrix pairs: certified from truncated base spectra, exact where it must be.
 
 The certified path (``spectral.certified``) needs only the top p base triplets, cached per base
-tensor. A matrix it cannot decide, and every matrix under ``exact``, takes the exact path: the
-complete base spectrum, then the structured top-k for LoRA factors or a full SVD otherwise.
+tensor. The exact path needs the complete base spectrum, then the structured top-k for LoRA
+factors or a full SVD otherwise. ``method``: ``exact`` and ``certified`` force a path; ``auto``
+certifies matrices whose smaller side is at least AUTO_MIN_SIDE, where a complete decomposition
+(cubic in that side) costs more than the certificate, and solves smaller ones exactly. A matrix the
+certified path cannot decide takes the exact path (a fallback, recorded in the report).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -21,6 +25,15 @@ from .spectral.topk import LowRankProblem, Triplets, dense_topk, structured_topk
 from .spectral.truncated import p_for
 
 logger = logging.getLogger(__name__)
+
+
+Method = Literal["auto", "certified", "exact"]
+AUTO_MIN_SIDE = 1024
+
+
+def certifies(method: Method, shape: tuple[int, ...]) -> bool:
+    """Whether a matrix of this shape takes the certified path."""
+    return method == "certified" or (method == "auto" and min(shape) >= AUTO_MIN_SIDE)
 
 
 def sides_of(side: Side) -> tuple[SideName, ...]:
@@ -66,19 +79,21 @@ def certified_problem(src: PairSource, pair: MatrixPair, k: int, dev: torch.devi
 
 
 def solve_pairs(src: PairSource, pairs: list[MatrixPair], k: int, side: Side, decisions: Decisions,
-                exact: bool = False, device: str = "auto", precise: bool = False) -> list[Solved]:
+                method: Method = "auto", device: str = "auto", precise: bool = False) -> list[Solved]:
     """The top ``k`` triplets of each pair, on the CPU, with bounds that decide every (τ, n) in ``decisions``.
 
     ``precise`` polishes certified triplets in float64: for the editor, which writes them into weights.
     """
     dev = resolve_device(device)
-    if exact:
-        return [Solved(t.cpu(), False) for t in exact_topks(src, pairs, k, dev)]
-    problems = [certified_problem(src, p, k, dev) for p in pairs]
-    certs: list[Triplets | None] = list(certified_topk_many(problems, k, sides_of(side), decisions, precise))
-    missing = [i for i, t in enumerate(certs) if t is None]
-    if missing:
-        logger.info("%d of %d matrices not certified; solving them exactly", len(missing), len(pairs))
-        for i, t in zip(missing, exact_topks(src, [pairs[i] for i in missing], k, dev), strict=True):
-            certs[i] = t
-    return [Solved(t.cpu(), i in missing) for i, t in enumerate(certs)]
+    chosen = [i for i, p in enumerate(pairs) if certifies(method, p.base.shape)]
+    problems = [certified_problem(src, pairs[i], k, dev) for i in chosen]
+    out: list[Triplets | None] = [None] * len(pairs)
+    for i, t in zip(chosen, certified_topk_many(problems, k, sides_of(side), decisions, precise), strict=True):
+        out[i] = t
+    missing = [i for i, t in enumerate(out) if t is None]
+    fallbacks = {i for i in missing if i in set(chosen)}
+    if fallbacks:
+        logger.info("%d of %d matrices not certified; solving them exactly", len(fallbacks), len(chosen))
+    for i, t in zip(missing, exact_topks(src, [pairs[i] for i in missing], k, dev), strict=True):
+        out[i] = t
+    return [Solved(t.cpu(), i in fallbacks) for i, t in enumerate(out)]

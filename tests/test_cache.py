@@ -59,28 +59,31 @@ def test_cache_roundtrip_keys_and_damaged_entries(tmp_path):
 
 
 def test_detect_reuses_spectra_across_adapters(llama_base, llama_adapter, cache_dir):
-    first = detect(str(llama_base), str(llama_adapter))
+    certified = DetectOptions(method="certified")
+    first = detect(str(llama_base), str(llama_adapter), certified)
     assert first.cache == {"computed": len(first.matrices), "reused": 0}
     files = sorted((cache_dir / "spectra").glob("*.safetensors"))
     assert len(files) == len(first.matrices)
-    second = detect(str(llama_base), str(llama_adapter))
+    assert all(f.name.endswith("-top.safetensors") for f in files)  # truncated spectra only
+    second = detect(str(llama_base), str(llama_adapter), certified)
     assert second.cache == {"computed": 0, "reused": len(first.matrices)}
     assert [m.intruders for m in second.matrices] == [m.intruders for m in first.matrices]
     assert all(m.method == "certified" for m in second.matrices)
-    assert all(f.name.endswith("-top.safetensors") for f in files)  # truncated spectra only
-    off = detect(str(llama_base), str(llama_adapter), DetectOptions(cache=False))
+    off = detect(str(llama_base), str(llama_adapter), DetectOptions(method="certified", cache=False))
     assert off.cache == {"computed": len(first.matrices), "reused": 0}
     assert [m.max_cos for m in off.matrices] == [m.max_cos for m in first.matrices]
-    exact = detect(str(llama_base), str(llama_adapter), DetectOptions(exact=True))  # complete spectra, cached too
-    assert exact.cache == {"computed": len(first.matrices), "reused": 0}
+    exact = detect(str(llama_base), str(llama_adapter))  # auto: these 64-wide matrices are solved exactly
+    assert exact.cache == {"computed": len(first.matrices), "reused": 0}  # complete spectra, cached beside
     assert all(m.method == "structured" for m in exact.matrices)
+    assert [m.intruders for m in exact.matrices] == [m.intruders for m in first.matrices]
     assert len(list((cache_dir / "spectra").glob("*.safetensors"))) == 2 * len(first.matrices)
 
 
 def test_threads_and_batches_do_not_change_results(llama_base, llama_adapter, cache_dir):
-    one = detect(str(llama_base), str(llama_adapter), DetectOptions(threads=1, batch_bytes=1))
-    two = detect(str(llama_base), str(llama_adapter), DetectOptions(threads=2))
-    assert [m.model_dump() for m in one.matrices] == [m.model_dump() for m in two.matrices]
+    for method in ("certified", "exact"):
+        one = detect(str(llama_base), str(llama_adapter), DetectOptions(threads=1, batch_bytes=1, method=method))
+        two = detect(str(llama_base), str(llama_adapter), DetectOptions(threads=2, method=method))
+        assert [m.model_dump() for m in one.matrices] == [m.model_dump() for m in two.matrices]
 
 
 def test_ordered_batches_keep_order_and_budget():

@@ -1,21 +1,25 @@
 """The certified path: the tuned top-k without a complete base basis, with bounds on max|cos|.
 
 Definition 1 needs c(y) = max_j |cos(y, y0_j)| over every base singular vector y0_j. With only the
-top p base directions Q (the smaller side, see ``truncated``), c(y) is bracketed:
+top p base directions Q (the smaller side, see ``truncated``: exact eigenvectors of a Gram matrix
+within float32 rounding of W0 W0ᵀ), c(y) is bracketed, a = Qᵀ y:
 
-- lower bound: lo = max |Qᵀ y| (the cosines with the kept directions, exact up to their residual);
-- upper bound: the rest of y has a spectral measure with respect to the Gram matrix M deflated by Q.
-  s Lanczos steps give its Gauss quadrature, nodes θ_l and weights ω_l, and by the
-  Chebyshev-Markov-Stieltjes inequalities a point mass between θ_l and θ_(l+1) is at most
-  ω_l + ω_(l+1) (ω_1 below θ_1, ω_s above θ_s). So hi = max(lo, sqrt(max_l (ω_l + ω_(l+1)))).
+- lower bound: lo = max |a|, the cosines with the kept directions;
+- cheap upper bound: the other directions share 1 - ‖a‖², so hi = max(max |a|, sqrt(1 - ‖a‖²));
+- Lanczos upper bound, for vectors the cheap one leaves undecided: the rest of y has a spectral
+  measure with respect to the Gram matrix M deflated by Q. s Lanczos steps give its Gauss
+  quadrature, nodes θ_l and weights ω_l, and by the Chebyshev-Markov-Stieltjes inequalities a point
+  mass between θ_l and θ_(l+1) is at most ω_l + ω_(l+1) (ω_1 below θ_1, ω_s above θ_s). So
+  hi = max(lo, sqrt(max_l (ω_l + ω_(l+1)))).
 
 On the larger side of a rectangular matrix M has a null space that holds no singular vector but
-would swallow the bound, so there the measure of z = W0ᵀ-side image is used instead: its masses are
-λ_j c_j², and c_j² <= (ω_l + ω_(l+1)) / θ_l; below θ_1 the divisor is an estimate of M's smallest
-eigenvalue (``TruncatedSpectrum.floor``). The tuned vectors' own residuals (Davis-Kahan) and the
-base basis's residual widen both bounds. A vector is decided at a threshold τ when hi + MARGIN < τ
-(an intruder) or lo - MARGIN >= τ (not one); undecided vectors get more Lanczos steps, then the
-matrix returns None and the caller takes the exact path.
+would swallow the bound, so there the measure of z = W0 v is used instead: its masses are λ_j c_j²,
+and c_j² <= (ω_l + ω_(l+1)) / θ_l; below θ_1 the divisor is an estimate of M's smallest eigenvalue:
+FLOOR_FACTOR times the smallest Ritz value of a seeded random vector's Lanczos run, which rides
+along with the others at no cost. It is the one quantity in the certificate that is estimated.
+The tuned vectors' own residuals (Davis-Kahan) widen both bounds. A vector is decided at a
+threshold τ when hi + MARGIN < τ (an intruder) or lo - MARGIN >= τ (not one); undecided vectors get
+more Lanczos steps, then the matrix returns None and the caller takes the exact path.
 
 The tuned top-k come from a block Krylov solver on W Wᵀ whose only products are with W0, B and A
 (or with W for a full checkpoint), started from [Q, B, W0 Aᵀ]; see ``krylov.top_eigenpairs``.
@@ -27,16 +31,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .krylov import GUARD, Quadrature, lanczos_quadrature, top_eigenpairs
+from .krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
 from .linalg import fix_signs
 from .spectra import SideName
 from .topk import degenerate_flags
 from .truncated import SEED, TruncatedSpectrum, gram_operator
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
-STEPS = (32, 64, 128)  # Lanczos steps per certificate, raised for undecided vectors
+STEPS = (16, 32, 64, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
 TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float32 reaches about 3e-7)
 PRECISE_TOL = 1e-11  # the same after the float64 polish the editor asks for
+FLOOR_FACTOR = 0.5  # the estimate of M's smallest eigenvalue is this share of the smallest Ritz value
 PRODUCTS_PER_PAIR = 40  # operator columns allowed per wanted Ritz pair before giving up
 
 
@@ -124,6 +129,13 @@ def _oriented_sides(sides: tuple[SideName, ...], flip: bool) -> tuple[SideName, 
     return tuple(("right" if s == "left" else "left") for s in sides) if flip else sides
 
 
+def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """(b, ...) row-major in ``dtype``: a transposed view as the left operand of a product runs at half speed."""
+    if len(tensors) == 1:
+        return tensors[0].to(dtype, memory_format=torch.contiguous_format)[None]
+    return torch.stack([t.to(dtype) for t in tensors])
+
+
 @dataclass(frozen=True)
 class _Tuned:
     """W = W0 + B A (or a dense W) for a batch: the products the solvers need, in one dtype."""
@@ -142,8 +154,8 @@ class _Tuned:
     def mul_t(self, X: torch.Tensor) -> torch.Tensor:
         """Wᵀ X (b, n, c)."""
         if self.W is not None:
-            return self.W.mT @ X
-        return self.W0.mT @ X + self.A.mT @ (self.B.mT @ X)
+            return t_mul(self.W, X)
+        return t_mul(self.W0, X) + self.A.mT @ (self.B.mT @ X)
 
     def mul(self, Y: torch.Tensor) -> torch.Tensor:
         """W Y (b, m, c)."""
@@ -160,17 +172,18 @@ class _Batch:
 
     def __init__(self, problems: list[CertifiedProblem], k: int):
         self.cd = cd = torch.float64 if problems[0].W0.dtype == torch.float64 else torch.float32
-        self.W0 = torch.stack([pr.W0.to(cd) for pr in problems])  # (b, m, n)
-        self.Q = torch.stack([pr.spec.Z.to(self.W0.device, cd) for pr in problems])  # (b, m, p)
-        self.S0 = torch.stack([pr.spec.S.to(self.W0.device, torch.float64) for pr in problems])  # (b, p)
+        self.W0 = _stack([pr.W0 for pr in problems], cd)  # (b, m, n)
+        dev = self.W0.device
+        self.Q = _stack([pr.spec.Z.to(dev) for pr in problems], cd)  # (b, m, p)
+        self.S0 = _stack([pr.spec.S.to(dev) for pr in problems], torch.float64)  # (b, p)
         self.specs = [pr.spec for pr in problems]
         self.k = min(k, self.W0.shape[1])
         if problems[0].factors is not None:
-            B = torch.stack([pr.factors[0].to(cd) for pr in problems])
-            A = torch.stack([pr.factors[1].to(cd) for pr in problems])
+            B = _stack([pr.factors[0] for pr in problems], cd)
+            A = _stack([pr.factors[1] for pr in problems], cd)
             self.tuned = _Tuned(self.W0, B, A, None)
         else:
-            self.tuned = _Tuned(self.W0, None, None, torch.stack([pr.tuned.to(cd) for pr in problems]))
+            self.tuned = _Tuned(self.W0, None, None, _stack([pr.tuned for pr in problems], cd))
 
     def _start(self) -> torch.Tensor:
         t = self.tuned
@@ -226,59 +239,76 @@ def _vector_errors(theta: torch.Tensor, resid: torch.Tensor, k: int) -> torch.Te
 
 
 class _Certificate:
-    """Bounds for the tuned vectors of a batch, refined with more Lanczos steps until decided."""
+    """Bounds for the tuned vectors of a batch, refined until every decision is made.
+
+    First the cheap bound: the kept directions take Σ a_i² of a unit vector's squared cosines, so
+    none outside them exceeds 1 - Σ a_i². Vectors it leaves undecided get Lanczos bounds with
+    32, 64, then 128 steps, problem by problem (so no problem's bounds depend on its batch).
+    """
 
     def __init__(self, batch: _Batch, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, err: torch.Tensor):
         self.batch, self.V = batch, V
         Q, S0 = batch.Q, batch.S0
         inv = torch.where(S0[:, :1] * 1e-12 < S0, 1 / S0, torch.zeros_like(S0))  # (b, p), 0 where σ0 = 0
         self.x = {"left": U, "right": batch.W0 @ V}  # right: z = W0 v, whose Q-coordinates are σ0_j cos_j
-        a = {"left": (Q.mT @ U).double(), "right": (Q.mT @ self.x["right"]).double() * inv[..., None]}  # (b, p, k)
-        self.a = a
-        self.head = {s: v.abs().mT for s, v in a.items()}  # (b, k, p)
-        basis = torch.tensor([s.basis_error() for s in batch.specs], dtype=torch.float64, device=Q.device)
-        ratio = S0[:, 0] / S0[:, -1].clamp_min(1e-300)
+        self.a = {"left": (Q.mT @ U).double(), "right": (Q.mT @ self.x["right"]).double() * inv[..., None]}
+        self.head = {s: v.abs().mT for s, v in self.a.items()}  # (b, k, p)
         sigma_ratio = (S[:, :1] / S.clamp_min(1e-300)).double()  # (b, k) σ_1 / σ_i
-        self.err = {"left": err + basis[:, None],
-                    "right": (err * sigma_ratio).clamp(max=1.0) + (basis * ratio)[:, None]}
-        self.floor = torch.tensor([s.floor for s in batch.specs], dtype=torch.float64, device=Q.device)
-        self.lo = {s: (v.abs().amax(1) - self.err[s]).clamp(0, 1) for s, v in a.items()}
-        self.hi: dict[str, torch.Tensor] = {}
+        self.err = {"left": err, "right": (err * sigma_ratio).clamp(max=1.0)}  # how far each vector may be off
+        self.runs: dict[tuple[str, int], tuple[torch.Tensor, Lanczos]] = {}  # (side, row) -> (columns, run)
+        self.lo = {s: (_amax(v.abs()) - self.err[s]).clamp(0, 1) for s, v in self.a.items()}
+        self.hi = {s: self._cheap(s) for s in self.a}
 
-    def _tail(self, side: SideName, rows: slice, cols: torch.Tensor, steps: int) -> torch.Tensor:
-        """(b', c) upper bound on the largest squared cosine with a base vector outside Q."""
-        W0, Q = self.batch.W0[rows], self.batch.Q[rows]
-        if side == "left":
-            q = lanczos_quadrature(gram_operator(W0, "left"), self.x["left"][rows][..., cols], steps, deflate=Q)
-            return pair_sums(q).amax(-1)
-        if W0.shape[1] == W0.shape[2]:  # square: W0ᵀ W0 has no null space either; bound v directly
-            Vp, _ = torch.linalg.qr(W0.mT @ Q)  # (b, n, p) spans the right top-p directions
-            q = lanczos_quadrature(gram_operator(W0, "right"), self.V[rows][..., cols], steps, deflate=Vp)
-            return pair_sums(q).amax(-1)
-        q = lanczos_quadrature(gram_operator(W0, "left"), self.x["right"][rows][..., cols], steps, deflate=Q)
-        mass = (1 - self.a["right"][rows][..., cols].pow(2).sum(1)).clamp_min(0)  # what Q leaves of a unit v
-        return torch.minimum(ratio_bound(q, self.floor[rows]), mass)
+    def _cheap(self, side: SideName) -> torch.Tensor:
+        a = self.a[side]
+        if self.batch.Q.shape[-1] >= self.batch.Q.shape[-2]:  # the kept directions are all there are
+            return (_amax(a.abs()) + self.err[side]).clamp(0, 1)
+        rest = (1 - a.pow(2).sum(1)).clamp_min(0).sqrt()  # (b, k)
+        return (torch.maximum(_amax(a.abs()), rest) + self.err[side]).clamp(0, 1)
 
-    def _bound(self, sides: tuple[SideName, ...], rows: slice, cols: torch.Tensor, steps: int) -> None:
-        """Upper bounds for ``cols`` of the problems in ``rows``, kept where tighter than before."""
+    def _lanczos(self, side: SideName, row: int, cols: torch.Tensor, steps: int) -> tuple[Quadrature, torch.Tensor]:
+        """The quadrature of problem ``row``'s vectors ``cols`` after ``steps`` Lanczos steps, continuing the
+        run this side and problem already has when it covers these columns; and the columns' positions."""
+        known = self.runs.get((side, row))
+        if known is None or not torch.isin(cols, known[0]).all():
+            W0, Q, rows = self.batch.W0[row : row + 1], self.batch.Q[row : row + 1], slice(row, row + 1)
+            if side == "left":
+                run = Lanczos(gram_operator(W0, "left"), self.x["left"][rows][..., cols], Q)
+            elif W0.shape[1] == W0.shape[2]:  # square: W0ᵀ W0 has no null space either; bound v directly
+                Vp, _ = torch.linalg.qr(t_mul(W0, Q))  # (1, n, p) spans the right top-p directions
+                run = Lanczos(gram_operator(W0, "right"), self.V[rows][..., cols], Vp)
+            else:  # z = W0 v, plus a seeded random column for the estimate of M's smallest eigenvalue
+                gen = torch.Generator().manual_seed(SEED)
+                rand = torch.randn(1, W0.shape[1], 1, generator=gen, dtype=W0.dtype).to(W0.device)
+                run = Lanczos(gram_operator(W0, "left"), torch.cat([self.x["right"][rows][..., cols], rand], -1), Q)
+            known = self.runs[(side, row)] = (cols, run)
+        where = torch.nonzero(known[0][:, None] == cols[None, :])[:, 0]  # positions of cols in the run
+        return known[1].extend(steps).quadrature(), where
+
+    def _tail(self, side: SideName, row: int, cols: torch.Tensor, steps: int) -> torch.Tensor:
+        """(1, c) upper bound on the largest squared cosine with a base vector outside Q."""
+        q, where = self._lanczos(side, row, cols, steps)
+        if side == "left" or self.batch.W0.shape[1] == self.batch.W0.shape[2]:
+            return pair_sums(q).amax(-1)[:, where]
+        real = q.weights[:, -1] > 0  # the random column's nodes
+        floor = FLOOR_FACTOR * q.nodes[:, -1][real].min().clamp_min(0) if real.any() else q.nodes.new_zeros(())
+        return ratio_bound(Quadrature(q.nodes[:, :-1], q.weights[:, :-1]), floor.reshape(1))[:, where]
+
+    def _refine(self, sides: tuple[SideName, ...], row: int, cols: torch.Tensor, steps: int) -> None:
+        """Lanczos upper bounds for ``cols`` of problem ``row``, kept where tighter than before."""
+        rows = slice(row, row + 1)
         for s in sides:
             err = self.err[s][rows][..., cols]
-            tail = self._tail(s, rows, cols, steps).clamp_min(0).sqrt()
+            tail = self._tail(s, row, cols, steps).clamp_min(0).sqrt()
             hi = torch.maximum(self.lo[s][rows][..., cols] + 2 * err, tail + err).clamp(0, 1)
-            if s not in self.hi:
-                self.hi[s] = hi
-            else:
-                self.hi[s][rows, cols] = torch.minimum(self.hi[s][rows, cols], hi)
+            self.hi[s][rows, cols] = torch.minimum(self.hi[s][rows, cols], hi)
 
     def run(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
-        """Bound every vector, then refine each problem's undecided vectors with more Lanczos steps
-        (problem by problem, so no problem's bounds depend on its batch). Returns (b,) all decided."""
-        k = self.lo[sides[0]].shape[1]
-        self._bound(sides, slice(None), torch.arange(k, device=self.batch.Q.device), STEPS[0])
-        for steps in STEPS[1:]:
+        """Refine the undecided vectors; returns (b,) whether every decision is made."""
+        for steps in STEPS:
             undecided = self._undecided(sides, decisions)  # (b, k)
             for i in torch.nonzero(undecided.any(1)).flatten().tolist():
-                self._bound(sides, slice(i, i + 1), torch.nonzero(undecided[i]).flatten(), steps)
+                self._refine(sides, i, torch.nonzero(undecided[i]).flatten(), steps)
         return ~self._undecided(sides, decisions).any(1)
 
     def _undecided(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
@@ -289,6 +319,11 @@ class _Certificate:
         for t, n in decisions:
             out[:, :n] |= ((hi + MARGIN >= t) & (lo - MARGIN < t))[:, :n]
         return out
+
+
+def _amax(a: torch.Tensor) -> torch.Tensor:
+    """(b, k) max over the kept directions of (b, p, k); 0 when none were kept."""
+    return a.amax(1) if a.shape[1] else torch.zeros(a.shape[0], a.shape[2], dtype=a.dtype, device=a.device)
 
 
 def pair_sums(q: Quadrature) -> torch.Tensor:

@@ -25,6 +25,11 @@ Operator = Callable[[torch.Tensor], torch.Tensor]  # (b, d, c) -> (b, d, c)
 GUARD = 8  # Ritz pairs carried beyond the wanted ones: they speed up convergence of the last wanted
 
 
+def t_mul(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Wᵀ X for W (b, m, n) and X (b, m, c), as (Xᵀ W)ᵀ: MKL's transposed product runs at half speed."""
+    return (X.mT @ W).mT
+
+
 def sym(T: torch.Tensor) -> torch.Tensor:
     return (T + T.mT) / 2
 
@@ -64,17 +69,22 @@ class EigenResult:
 
 
 def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_dim: int,
-                   max_products: int) -> EigenResult:
+                   max_products: int, expand_all: bool = True) -> EigenResult:
     """The top ``k`` eigenpairs of ``op`` from the span of ``start`` (b, d, c) and its Krylov blocks.
 
     A problem is converged when every wanted residual is at most ``tol · θ_1``; its pairs are kept
     from that round on, and every round expands all problems with all wanted residuals, so a
-    problem's answer does not depend on the others in its batch. The basis restarts from the
+    problem's answer does not depend on the others in its batch (``expand_all=False`` expands only
+    with the pairs still moving: cheaper, for a batch of one). The basis restarts from the
     current Ritz vectors when it would pass ``max_dim`` columns; the solver gives up (returning the
     pairs it has, ``converged=False``) after ``max_products`` operator columns.
     """
     d = start.shape[-2]
     want = min(k + GUARD, d)
+    if start.shape[-1] < want:  # too few starting directions: add seeded random ones
+        gen = torch.Generator().manual_seed(0)
+        extra = torch.randn(*start.shape[:-1], want - start.shape[-1], generator=gen, dtype=start.dtype)
+        start = torch.cat([start, extra.to(start.device)], -1)
     V = orthonormal_complement(start, None)
     AV, products = op(V), V.shape[-1]
     kept: EigenResult | None = None
@@ -96,9 +106,13 @@ def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_di
                 logger.debug("block Krylov stopped after %d products with %d of %d problems unconverged",
                              products, int((~done).sum()), done.numel())
             return EigenResult(kept.theta, kept.Y, kept.residual, bool(done.all()), products)
-        if V.shape[-1] + want > max_dim:
+        todo = torch.ones(want, dtype=torch.bool, device=R.device)
+        if not expand_all:
+            todo = (resid > floor).any(0)
+            todo[k:] = True  # the guard pairs keep the last wanted ones moving
+        if V.shape[-1] + int(todo.sum()) > max_dim:
             V, AV = Y, AY  # thick restart: keep the Ritz vectors and their images
-        new = orthonormal_complement(R, V)[..., : d - V.shape[-1]]
+        new = orthonormal_complement(R[..., todo], V)[..., : d - V.shape[-1]]
         V, AV = torch.cat([V, new], -1), torch.cat([AV, op(new)], -1)
         products += new.shape[-1]
 
@@ -121,44 +135,68 @@ class Quadrature:
     weights: torch.Tensor  # (b, c, s) float64
 
 
-def lanczos_quadrature(op: Operator, X: torch.Tensor, steps: int, deflate: torch.Tensor | None = None) -> Quadrature:
-    """``steps`` Lanczos steps of ``P op P`` from each column of X (b, d, c), P = I - Q Qᵀ for ``deflate`` Q.
+class Lanczos:
+    """Lanczos recurrences of ``P op P`` from each column of X (b, d, c), P = I - Q Qᵀ for ``deflate`` Q.
 
     Every column runs its own recurrence (the operator is applied to all of them at once), fully
     reorthogonalised against its earlier vectors, so the tridiagonal matrices are those of exact
-    arithmetic on a nearby problem.
+    arithmetic on a nearby problem. ``extend`` continues where the last call stopped, so asking for
+    more steps costs only the new ones.
     """
-    b, d, c = X.shape
-    steps = max(1, min(steps, d))
-    dt = X.dtype
 
-    def project(Z: torch.Tensor) -> torch.Tensor:
-        return Z if deflate is None else Z - deflate @ (deflate.mT @ Z)
+    def __init__(self, op: Operator, X: torch.Tensor, deflate: torch.Tensor | None = None):
+        self.op, self.deflate = op, deflate
+        X = self._project(X)
+        self.norm = X.double().norm(dim=-2)  # (b, c)
+        self.q = X / self.norm.clamp_min(1e-300)[:, None, :].to(X.dtype)
+        self.alive = self.norm > 0  # (b, c) columns not yet broken down
+        self.basis: list[torch.Tensor] = []  # (b, d, c) per step
+        self.alpha: list[torch.Tensor] = []  # (b, c) float64 per step
+        self.beta: list[torch.Tensor] = []  # (b, c) float64 between steps
 
-    X = project(X)
-    norm = X.double().norm(dim=-2)  # (b, c)
-    q = X / norm.clamp_min(1e-300)[:, None, :].to(dt)
-    basis = torch.zeros(b, steps, d, c, dtype=dt, device=X.device)
-    alpha = torch.zeros(b, c, steps, dtype=torch.float64, device=X.device)
-    beta = torch.zeros(b, c, steps, dtype=torch.float64, device=X.device)
-    alive = norm > 0  # (b, c)
-    for j in range(steps):
-        basis[:, j] = q
-        w = project(op(q))
-        alpha[..., j] = (q * w).sum(-2).double()
-        for _ in range(2):  # full reorthogonalisation, twice
-            coef = torch.einsum("bsdc,bdc->bsc", basis[:, : j + 1], w)
-            w = w - torch.einsum("bsdc,bsc->bdc", basis[:, : j + 1], coef)
-            w = project(w)
+    def _project(self, Z: torch.Tensor) -> torch.Tensor:
+        return Z if self.deflate is None else Z - self.deflate @ (self.deflate.mT @ Z)
+
+    def extend(self, steps: int) -> Lanczos:
+        """Run until ``steps`` steps in all (at most the dimension)."""
+        d = self.q.shape[-2]
+        while len(self.basis) < min(steps, d):
+            if self.basis:  # the step before ended with w; it becomes the next vector unless it broke down
+                self._advance()
+            q = self.q
+            self.basis.append(q)
+            w = self._project(self.op(q))
+            alpha = (q * w).sum(-2).double()
+            stack = torch.stack(self.basis, 1)  # (b, s, d, c)
+            for _ in range(2):  # full reorthogonalisation, twice
+                w = w - torch.einsum("bsdc,bsc->bdc", stack, torch.einsum("bsdc,bdc->bsc", stack, w))
+                w = self._project(w)
+            self.alpha.append(torch.where(self.alive, alpha, torch.full_like(alpha, -1.0)))
+            self._w = w
+        return self
+
+    def _advance(self) -> None:
+        w = self._w
         nb = w.double().norm(dim=-2)  # (b, c)
-        alpha[..., j] = torch.where(alive, alpha[..., j], torch.full_like(alpha[..., j], -1.0))
-        if j + 1 < steps:
-            scale = alpha[..., : j + 1].abs().amax(-1).clamp_min(1e-300)
-            alive = alive & (nb > 1e-10 * scale)  # broken down: the measure is resolved exactly
-            beta[..., j] = torch.where(alive, nb, torch.zeros_like(nb))
-            q = torch.where(alive[:, None, :], w / nb.clamp_min(1e-300)[:, None, :].to(dt), torch.zeros_like(w))
-    T = torch.diag_embed(alpha) + torch.diag_embed(beta[..., :-1], 1) + torch.diag_embed(beta[..., :-1], -1)
-    nodes, vecs = torch.linalg.eigh(T)  # ascending
-    weights = vecs[..., 0, :] ** 2 * (norm**2)[..., None]
-    weights = torch.where(nodes < -0.5, torch.zeros_like(weights), weights)  # padding of dead columns
-    return Quadrature(nodes, weights)
+        scale = torch.stack(self.alpha, -1).abs().amax(-1).clamp_min(1e-300)
+        self.alive = self.alive & (nb > 1e-10 * scale)  # broken down: the measure is resolved exactly
+        self.beta.append(torch.where(self.alive, nb, torch.zeros_like(nb)))
+        self.q = torch.where(self.alive[:, None, :], w / nb.clamp_min(1e-300)[:, None, :].to(w.dtype),
+                             torch.zeros_like(w))
+
+    def quadrature(self) -> Quadrature:
+        """The Gauss quadrature of the steps run so far."""
+        alpha = torch.stack(self.alpha, -1)  # (b, c, s)
+        T = torch.diag_embed(alpha)
+        if self.beta:
+            beta = torch.stack(self.beta, -1)  # (b, c, s - 1)
+            T = T + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+        nodes, vecs = torch.linalg.eigh(T)  # ascending
+        weights = vecs[..., 0, :] ** 2 * (self.norm**2)[..., None]
+        weights = torch.where(nodes < -0.5, torch.zeros_like(weights), weights)  # padding of dead columns
+        return Quadrature(nodes, weights)
+
+
+def lanczos_quadrature(op: Operator, X: torch.Tensor, steps: int, deflate: torch.Tensor | None = None) -> Quadrature:
+    """The Gauss quadrature of ``steps`` Lanczos steps of ``P op P`` from each column of X (see ``Lanczos``)."""
+    return Lanczos(op, X, deflate).extend(max(1, steps)).quadrature()

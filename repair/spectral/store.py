@@ -124,9 +124,7 @@ class SpectraCache:
     def get_truncated(self, key: str, p: int) -> TruncatedSpectrum | None:
         """The stored truncated spectrum if it keeps at least ``p`` directions (or all there are)."""
         spec = self._lookup(key + TOP, TruncatedSpectrum.from_tensors)
-        if spec is None or (spec.p < p and not spec.complete):
-            return None
-        return spec
+        return spec if spec is not None and spec.serves(p) else None
 
     def has_truncated(self, key: str, p: int) -> bool:
         return key + TOP in self and self.get_truncated(key, p) is not None

@@ -1,10 +1,13 @@
-"""Truncated base spectra: the top p singular triplets of a base matrix from a block Krylov solver.
+"""Truncated base spectra: the top singular triplets of a base matrix from a block Krylov solver.
 
 Only products with W0 and W0ᵀ are needed: a few dozen passes over the matrix instead of the
 O(m²n + m³) of a complete decomposition, and p · min(m, n) floats to store instead of min(m, n)².
-Each spectrum records what the certificates need to stay honest: the largest residual of the p
-Ritz pairs, the next Ritz value (the gap to the rest of the spectrum), and an estimate of the
-smallest eigenvalue of the smaller-side Gram matrix.
+
+Only Ritz pairs whose residual ‖M z - θ z‖ is at most twice the typical rounding error of forming
+the Gram matrix M in float32 (2 sqrt(n) · 6e-8 · θ_1, n = the larger side) are kept, up to the
+p asked for; a product budget stops the solver before it chases the slowest directions of a flat
+bulk. The kept vectors are exact eigenvectors of a matrix within that residual of M, so the
+certificates are exact for a base that float32 cannot tell from W0.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .krylov import GUARD, lanczos_quadrature, top_eigenpairs
+from .krylov import GUARD, t_mul, top_eigenpairs
 from .linalg import sign_rule
 from .spectra import SideName
 
 P_MIN = 32  # fewest base directions kept
 P_MARGIN = 16  # p >= k + r + P_MARGIN
-BASE_TOL = 1e-6  # Ritz residual ‖M z - θ z‖ relative to θ_1 (M = the smaller-side Gram matrix)
-FLOOR_STEPS = 48  # Lanczos steps for the smallest eigenvalue of M
-FLOOR_FACTOR = 0.5  # the floor is this share of the smallest Ritz value found
+BASE_BUDGET = 24  # operator columns per wanted pair before the solver keeps what has converged
 SEED = 0
+
+
+def base_tol(n: int, dtype: torch.dtype = torch.float32) -> float:
+    """Kept Ritz residuals, relative to θ_1: twice the typical rounding error (sqrt(n) units in the last
+    place) of an n-term Gram entry in ``dtype``."""
+    return math.sqrt(n) * torch.finfo(dtype).eps
 
 
 def p_for(k: int, r: int, d: int) -> int:
@@ -33,7 +40,7 @@ def p_for(k: int, r: int, d: int) -> int:
 
 @dataclass(frozen=True)
 class TruncatedSpectrum:
-    """The top p singular values of W0 (m, n) and their vectors on the smaller side, in W0's orientation.
+    """The top singular values of W0 (m, n) and their vectors on the smaller side, in W0's orientation.
 
     ``side == "left"`` (m <= n): Z = U_p, (m, p). ``side == "right"`` (m > n): Z = V_p, (n, p).
     """
@@ -42,9 +49,8 @@ class TruncatedSpectrum:
     Z: torch.Tensor  # (d, p) orthonormal columns, float32
     side: SideName
     shape: tuple[int, int]  # (m, n) of W0
-    residual: float  # max over the p pairs of ‖M z - σ² z‖, in units of σ² (M = smaller-side Gram)
-    next_sigma2: float  # the (p+1)-th Ritz value of M: the gap below the kept directions
-    floor: float  # estimated lower bound of the smallest eigenvalue of M (0 when unknown)
+    requested: int  # the p asked for (fewer are kept when fewer converged within the budget)
+    residual: float  # max over the kept pairs of ‖M z - σ² z‖ (absolute, M = smaller-side Gram)
 
     @property
     def p(self) -> int:
@@ -55,49 +61,42 @@ class TruncatedSpectrum:
         """Whether the kept directions are the whole smaller side (no tail to bound)."""
         return self.p >= min(self.shape)
 
+    def serves(self, p: int) -> bool:
+        """Whether this entry answers a request for ``p`` directions."""
+        return self.complete or self.requested >= p
+
     def head(self, p: int) -> TruncatedSpectrum:
-        """The first ``p`` directions (same residual bookkeeping, the gap to the (p+1)-th)."""
+        """At most the first ``p`` directions."""
         if p >= self.p:
             return self
-        nxt = float(self.S[p]) ** 2
-        return TruncatedSpectrum(self.S[:p], self.Z[:, :p], self.side, self.shape, self.residual, nxt, self.floor)
-
-    def basis_error(self) -> float:
-        """Davis-Kahan bound on the angle between span(Z) and W0's true top-p subspace on that side."""
-        if self.complete:
-            return 0.0
-        gap = float(self.S[-1]) ** 2 - self.next_sigma2
-        if gap <= 0:
-            return 1.0
-        return min(1.0, math.sqrt(self.p) * self.residual / gap)
+        return TruncatedSpectrum(self.S[:p], self.Z[:, :p], self.side, self.shape, p, self.residual)
 
     def transposed(self) -> TruncatedSpectrum:
         other: SideName = "right" if self.side == "left" else "left"
-        return TruncatedSpectrum(self.S, self.Z, other, (self.shape[1], self.shape[0]), self.residual,
-                                 self.next_sigma2, self.floor)
+        return TruncatedSpectrum(self.S, self.Z, other, (self.shape[1], self.shape[0]), self.requested,
+                                 self.residual)
 
     def to(self, device) -> TruncatedSpectrum:
-        return TruncatedSpectrum(self.S.to(device), self.Z.to(device), self.side, self.shape, self.residual,
-                                 self.next_sigma2, self.floor)
+        return TruncatedSpectrum(self.S.to(device), self.Z.to(device), self.side, self.shape, self.requested,
+                                 self.residual)
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What the cache stores: tensors and string metadata."""
-        meta = {"side": self.side, "shape": f"{self.shape[0]},{self.shape[1]}", "residual": repr(self.residual),
-                "next_sigma2": repr(self.next_sigma2), "floor": repr(self.floor)}
+        meta = {"side": self.side, "shape": f"{self.shape[0]},{self.shape[1]}", "requested": str(self.requested),
+                "residual": repr(self.residual)}
         return {"S": self.S.cpu().contiguous(), "Z": self.Z.cpu().contiguous()}, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TruncatedSpectrum:
         shape = tuple(int(x) for x in meta["shape"].split(","))
-        return cls(tensors["S"], tensors["Z"], meta["side"], shape, float(meta["residual"]),
-                   float(meta["next_sigma2"]), float(meta["floor"]))
+        return cls(tensors["S"], tensors["Z"], meta["side"], shape, int(meta["requested"]), float(meta["residual"]))
 
 
 def gram_operator(W: torch.Tensor, side: SideName):
     """X (b, d, c) -> M X for M = W Wᵀ (side "left") or Wᵀ W, with W (b, m, n)."""
     if side == "left":
-        return lambda X: W @ (W.mT @ X)
-    return lambda X: W.mT @ (W @ X)
+        return lambda X: W @ t_mul(W, X)
+    return lambda X: t_mul(W, W @ X)
 
 
 def compute_truncated(stored: torch.Tensor, p: int, device: torch.device | str = "cpu") -> TruncatedSpectrum:
@@ -113,24 +112,12 @@ def compute_truncated(stored: torch.Tensor, p: int, device: torch.device | str =
     op = gram_operator(W, side)
     gen = torch.Generator().manual_seed(SEED)
     start = torch.randn(d, min(d, p + GUARD), generator=gen, dtype=cd).to(device)[None]
-    want = min(d, p + GUARD)
-    res = top_eigenpairs(op, start, p, BASE_TOL, max_dim=min(d, 3 * want), max_products=60 * want)
-    Z = res.Y[0, :, :p]
+    want, tol = min(d, p + GUARD), base_tol(max(m, n), cd)
+    res = top_eigenpairs(op, start, p, tol, max_dim=min(d, 4 * want), max_products=BASE_BUDGET * want,
+                         expand_all=False)
+    theta, resid = res.theta[0].clamp_min(0), res.residual[0]
+    keep = torch.nonzero(resid[:p] <= tol * max(float(theta[0]), torch.finfo(cd).tiny)).flatten()
+    Z = res.Y[0][:, keep]  # the converged pairs, in descending order
     Z = Z * sign_rule(Z)
-    theta = res.theta[0].clamp_min(0)
-    nxt = float(theta[p]) if theta.shape[0] > p else 0.0
-    return TruncatedSpectrum(theta[:p].sqrt().cpu(), Z.to(cd).cpu(), side, (m, n), float(res.residual[0, :p].max()),
-                             nxt, smallest_eigenvalue_floor(op, d, cd, device))
-
-
-def smallest_eigenvalue_floor(op, d: int, dtype: torch.dtype, device) -> float:
-    """FLOOR_FACTOR times the smallest Ritz value of ``FLOOR_STEPS`` Lanczos steps from a seeded vector.
-
-    An estimate, not a bound: Ritz values approach the smallest eigenvalue from above. It is used
-    only on the larger side of a rectangular matrix (see ``certified``), with a factor of safety.
-    """
-    gen = torch.Generator().manual_seed(SEED + 1)
-    x = torch.randn(d, 1, generator=gen, dtype=dtype).to(device)[None]
-    q = lanczos_quadrature(op, x, FLOOR_STEPS)
-    nodes = q.nodes[q.weights > 0]
-    return max(0.0, FLOOR_FACTOR * float(nodes.min())) if nodes.numel() else 0.0
+    residual = float(resid[keep].max()) if keep.numel() else 0.0
+    return TruncatedSpectrum(theta[keep].sqrt().cpu(), Z.to(cd).cpu(), side, (m, n), p, residual)
