@@ -9,8 +9,6 @@ from pathlib import Path
 
 from repair.errors import RepairError
 
-from .models import device
-
 logger = logging.getLogger(__name__)
 
 # Metrics read from lm-eval's results, first present wins.
@@ -59,7 +57,7 @@ def make_lm(model, tok, batch_size: int = 8):
     """An lm-eval ``HFLM`` around an in-memory model; weights edited in place are seen by later calls."""
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device())
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)  # runs where the model's weights are
 
 
 def evaluate(lm, spec: str, limit: int | None = None) -> TaskScore:

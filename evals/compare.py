@@ -17,7 +17,7 @@ from repair.report import SCHEMA_VERSION, write_text_atomic
 from .accuracy import evaluate, make_lm, task_manager_for
 from .corpus import load_corpus
 from .forgetting import forgetting
-from .models import load_model
+from .models import Placement, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ def _cell(s: Score) -> str:
 
 
 def run_compare(models: list[str], tasks: list[str], limit: int | None = None, base: str | None = None,
-                forgetting_spec: str | None = None, out: Path | None = None, batch_size: int = 8) -> CompareReport:
+                forgetting_spec: str | None = None, out: Path | None = None, batch_size: int = 8,
+                placement: Placement | None = None) -> CompareReport:
     """Evaluate each model on each task (and optionally forgetting), one model in memory at a time.
 
     With ``--forgetting base-samples``, the corpus is sampled from the first model listed.
@@ -70,7 +71,7 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
     names = [task_manager_for(t)[1] for t in tasks]
     rows, docs = [], None
     for ref in models:
-        model, tok, _ = load_model(ref, base)
+        model, tok, _ = load_model(ref, base, placement)
         if forgetting_spec and docs is None:
             docs = load_corpus(forgetting_spec, model, tok, model_key=f"compare:{ref}")
         lm = make_lm(model, tok, batch_size)

@@ -24,7 +24,7 @@ from .accuracy import evaluate, make_lm
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
-from .models import load_model
+from .models import Placement, load_model
 from .results import Pick, SweepPoint, SweepReport, markdown_table, plot_tradeoff, write_csv
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,17 @@ class SweepOptions:
     write_picked: bool = False
     batch_size: int = 8
     allow_amplify: bool = False
+    dtype: str = "auto"  # the evaluated model's dtype (see evals.models.Placement)
+    device_map: str | None = None  # "auto": accelerate spreads the model (chosen by itself when it does not fit)
+
+    @property
+    def placement(self) -> Placement:
+        """The model goes where the detector's linear algebra runs (``--device``)."""
+        return Placement(self.detect.device, self.dtype, self.device_map)
 
     def validate(self) -> None:
         self.detect.validate()
+        self.placement.validate()
         if not self.scales:
             raise RepairError("--scales: expected at least one λ.")
         for s in self.scales:
@@ -135,14 +143,15 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
     d = opts.detect
     return {"base": base, "tuned": tuned, "scales": list(opts.scales), "task": opts.task,
             "forgetting": opts.forgetting, "limit": opts.limit, "top_k": d.top_k, "epsilon": d.epsilon,
-            "side": d.side, "modules": d.modules, "pick": opts.pick, "batch_size": opts.batch_size}
+            "side": d.side, "modules": d.modules, "pick": opts.pick, "batch_size": opts.batch_size,
+            "dtype": opts.dtype}
 
 
 def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
     opts.validate()
     src = opts.detect.pairs(base, tuned)
-    model, tok, base_src = load_model(base)
+    model, tok, base_src = load_model(base, placement=opts.placement)
     docs = load_corpus(opts.forgetting, model, tok, json.dumps(_fingerprint(base_src)))
     args = _arguments(base, tuned, opts)
     key = [__version__, args, _fingerprint(base_src), _fingerprint(src.tuned_source), docs]

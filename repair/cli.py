@@ -186,17 +186,22 @@ def _scales(ctx, param, value: str) -> tuple[float, ...]:
 @click.option("--write-picked", is_flag=True, help="Also write the merged checkpoint at the picked λ.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated model.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Spread the model over the devices with accelerate (chosen by itself when it does not fit "
+                   "--device).")
 @_detect_options
 @_handle_errors
 def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked, batch_size, allow_amplify,
-          detect_opts):
+          dtype, device_map, detect_opts):
     """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
     from evals.results import markdown_table
     from evals.sweep import SweepOptions, run_sweep
 
     opts = SweepOptions(out=out, scales=scales, task=task, forgetting=forgetting, limit=limit, pick=pick,
                         write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
-                        detect=detect_opts)
+                        detect=detect_opts, dtype=dtype, device_map=device_map)
     report = run_sweep(base, tuned, opts)
     click.echo(markdown_table(report))
     if report.pick is not None:
@@ -214,13 +219,21 @@ def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked,
 @click.option("--forgetting", default=None, help="Also score forgetting on this corpus (see `repair sweep`).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write compare.json and compare.md.")
 @click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated models.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]),
+              help="Spread each model over the devices with accelerate (chosen by itself when it does not fit).")
 @_handle_errors
-def compare(models, tasks, limit, base, forgetting, out, batch_size):
+def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dtype, device_map):
     """Side-by-side lm-eval table of MODELS (folders, hub ids, smollm2-135m, or LoRA adapters)."""
     from evals.compare import run_compare
+    from evals.models import Placement
 
+    placement = Placement(device, dtype, device_map)
+    placement.validate()
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    report = run_compare(list(models), task_list, limit, base, forgetting, out, batch_size)
+    report = run_compare(list(models), task_list, limit, base, forgetting, out, batch_size, placement)
     click.echo(report.markdown())
 
 

@@ -97,3 +97,43 @@ def test_demo_runs_end_to_end(tmp_path):
     for f in ["detect.json", "sweep/sweep.json", "sweep/tradeoff.png", "figures/similarity.png",
               "sweep/picked/model.safetensors", "sweep/picked/repair_report.json"]:
         assert (out / f).is_file(), f
+
+
+@pytest.mark.parametrize("k", [10, 50])
+def test_certified_equals_exact_on_embedded_default(k):
+    """The demo adapter on SmolLM2 (all 210 matrices): the certified path decides every ε in one run, with
+    the same intruders as the exact path and every exact max|cos| inside its bounds."""
+    from repair.demo import demo_dir
+    from repair.detector import DetectOptions, analyse
+
+    eps = (0.3, 0.5, 0.7, 0.9)
+    exact_opts = DetectOptions(top_k=k, method="exact", cache=False)
+    cert_opts = DetectOptions(top_k=k, method="certified", cache=False)
+    exact = {p.name: f.max_cos for p, _, f in analyse(exact_opts.pairs("smollm2-135m", str(demo_dir())), exact_opts)}
+    certified = list(analyse(cert_opts.pairs("smollm2-135m", str(demo_dir())), cert_opts,
+                             decisions=tuple((e, k) for e in eps)))
+    assert len(certified) == len(exact) == 210
+    for pair, _, found in certified:
+        want = exact[pair.name]
+        assert ((want >= found.max_cos - 1e-5) & (want <= found.max_cos_upper + 1e-5)).all(), pair.name
+        for e in eps:
+            assert torch.equal(found.max_cos_upper < e, want < e), (pair.name, e)
+    certified_count = sum(report.method == "certified" for _, report, _ in certified)
+    assert certified_count >= (200 if k == 10 else 150)  # ε = 0.3 at rank 50 falls back most often
+
+
+def test_sweep_with_device_map_auto_equals_single_device(tmp_path):
+    """The model spread by accelerate (device_map="auto", all on the CPU here) measures the same numbers."""
+    from repair.demo import demo_dir
+
+    points = {}
+    for label, extra in (("single", []), ("mapped", ["--device-map", "auto"])):
+        out = tmp_path / label
+        res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0,1", "--task",
+                                        "addition", "--forgetting", "base-samples:8", "--limit", "40",
+                                        "--out", str(out), "--device", "cpu", *extra])
+        assert res.exit_code == 0, res.output
+        report = json.loads((out / "sweep.json").read_text())
+        points[label] = [(p["scale"], p["accuracy"], p["forgetting_nll"], p["intruders"])
+                         for p in [report["base"], report["tuned"], *report["points"]]]
+    assert points["single"] == points["mapped"]

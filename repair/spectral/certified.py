@@ -35,7 +35,7 @@ from .krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
 from .linalg import fix_signs
 from .spectra import SideName
 from .topk import degenerate_flags
-from .truncated import SEED, TruncatedSpectrum, gram_operator
+from .truncated import SEED, TruncatedSpectrum, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
 STEPS = (16, 32, 64, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
@@ -108,20 +108,11 @@ def certified_topk_many(problems: list[CertifiedProblem], k: int, sides: tuple[S
     (τ, n) in ``decisions`` the first n vectors must be decided at τ, on the larger of the sides' bounds.
     ``precise`` polishes the triplets in float64 (for the editor, which writes them into weights).
     """
-    out: list[CertifiedTopK | None] = [None] * len(problems)
-    groups: dict[tuple, list[tuple[int, bool, CertifiedProblem]]] = {}
-    for i, problem in enumerate(problems):
+    out: list[CertifiedTopK | None] = []
+    for problem in problems:  # one at a time: no problem's answer depends on what it was batched with
         flip, pr = problem.oriented()
-        rank = -1 if pr.factors is None else pr.factors[0].shape[1]
-        key = (tuple(pr.W0.shape), rank, pr.spec.p, pr.W0.dtype == torch.float64, pr.W0.device)
-        groups.setdefault(key, []).append((i, flip, pr))
-    for group in groups.values():
-        flips = {flip for _, flip, _ in group}
-        for flip in flips:  # sides are named in each problem's own orientation
-            members = [(i, pr) for i, f, pr in group if f == flip]
-            solved = _Batch([pr for _, pr in members], k).solve(_oriented_sides(sides, flip), decisions, precise)
-            for (i, _), t in zip(members, solved, strict=True):
-                out[i] = t.transposed() if (flip and t is not None) else t
+        t = _Batch([pr], k).solve(_oriented_sides(sides, flip), decisions, precise)[0]
+        out.append(t.transposed() if (flip and t is not None) else t)
     return out
 
 
@@ -168,7 +159,7 @@ class _Tuned:
 
 
 class _Batch:
-    """Problems of one shape (m <= n), rank and p, solved together."""
+    """Problems of one shape (m <= n), rank and p, solved together (the path solves one at a time)."""
 
     def __init__(self, problems: list[CertifiedProblem], k: int):
         self.cd = cd = torch.float64 if problems[0].W0.dtype == torch.float64 else torch.float32
@@ -215,7 +206,8 @@ class _Batch:
         tuned = self.tuned if U.dtype == self.cd else self.tuned.to(U.dtype)
         V = tuned.mul_t(U) / S[:, None, :].to(U.dtype).clamp_min(1e-30)  # (b, n, k)
         U, Vh = (x.to(self.cd) for x in fix_signs(U, V.mT))
-        cert = _Certificate(self, U, Vh.mT, S, _vector_errors(theta, res.residual, self.k))
+        err = torch.stack([vector_errors(t, r)[: self.k] for t, r in zip(theta, res.residual, strict=True)])
+        cert = _Certificate(self, U, Vh.mT, S, err)
         decided = cert.run(sides, decisions)
         results: list[CertifiedTopK | None] = []
         for i in range(len(self.specs)):
@@ -229,42 +221,44 @@ class _Batch:
         return results
 
 
-def _vector_errors(theta: torch.Tensor, resid: torch.Tensor, k: int) -> torch.Tensor:
-    """(b, k) Davis-Kahan bound sqrt(2) · residual / gap on each Ritz vector's distance to the true one."""
-    gaps = (theta[:, :k, None] - theta[:, None, :]).abs()  # (b, k, want)
-    gaps = gaps.masked_fill(torch.eye(k, theta.shape[1], dtype=torch.bool, device=gaps.device), float("inf"))
-    gap = gaps.amin(-1) if theta.shape[1] > 1 else torch.full_like(theta[:, :k], float("inf"))
-    err = (2**0.5) * resid[:, :k] / gap.clamp_min(1e-300)
-    return torch.where(resid[:, :k] > 0, err, torch.zeros_like(err)).clamp(max=1.0)
-
-
 class _Certificate:
-    """Bounds for the tuned vectors of a batch, refined until every decision is made.
+    """Bounds for the tuned vectors of a problem, refined until every decision is made.
 
-    First the cheap bound: the kept directions take Σ a_i² of a unit vector's squared cosines, so
-    none outside them exceeds 1 - Σ a_i². Vectors it leaves undecided get Lanczos bounds with
-    32, 64, then 128 steps, problem by problem (so no problem's bounds depend on its batch).
+    a = Qᵀ y holds the cosines with the kept directions, each within δ_i (the kept direction's own
+    error, ``TruncatedSpectrum.errors``) of the cosine with W0's singular vector; Δ = sqrt(Σ δ_i²)
+    bounds how much of any other singular vector lies in span(Q). The tuned vector's own error
+    (Davis-Kahan) widens every bound. Cheap bound first: the kept directions take at least
+    Σ (|a_i| - δ_i)² of a unit vector's squared cosines, so no other exceeds the rest. Vectors it
+    leaves undecided get Lanczos bounds on y - Q a with 16, 32, 64, then 128 steps of W0's own Gram
+    matrix (not deflated, so the measure is the true one), continuing the same run each time.
     """
 
     def __init__(self, batch: _Batch, U: torch.Tensor, V: torch.Tensor, S: torch.Tensor, err: torch.Tensor):
         self.batch, self.V = batch, V
         Q, S0 = batch.Q, batch.S0
+        E = torch.stack([s.errors.to(Q.device) for s in batch.specs]).double()  # (b, p) δ_i
+        self.delta = E.pow(2).sum(-1).sqrt()  # (b,) Δ
         inv = torch.where(S0[:, :1] * 1e-12 < S0, 1 / S0, torch.zeros_like(S0))  # (b, p), 0 where σ0 = 0
-        self.x = {"left": U, "right": batch.W0 @ V}  # right: z = W0 v, whose Q-coordinates are σ0_j cos_j
-        self.a = {"left": (Q.mT @ U).double(), "right": (Q.mT @ self.x["right"]).double() * inv[..., None]}
+        z = batch.W0 @ V  # (b, m, k): Q-coordinates σ0_j cos_j of the right vectors
+        self.x = {"left": U, "right": z}
+        self.a = {"left": (Q.mT @ U).double(), "right": (Q.mT @ z).double() * inv[..., None]}  # (b, p, k)
+        self.qz = (Q.mT @ z).double().norm(dim=1)  # (b, k) ‖Qᵀ z‖
+        self.ea = {"left": E[..., None].expand_as(self.a["left"]),
+                   "right": E[..., None] * inv[..., None] * z.double().norm(dim=1)[:, None, :]}
         self.head = {s: v.abs().mT for s, v in self.a.items()}  # (b, k, p)
         sigma_ratio = (S[:, :1] / S.clamp_min(1e-300)).double()  # (b, k) σ_1 / σ_i
-        self.err = {"left": err, "right": (err * sigma_ratio).clamp(max=1.0)}  # how far each vector may be off
-        self.runs: dict[tuple[str, int], tuple[torch.Tensor, Lanczos]] = {}  # (side, row) -> (columns, run)
-        self.lo = {s: (_amax(v.abs()) - self.err[s]).clamp(0, 1) for s, v in self.a.items()}
+        self.err = {"left": err, "right": (err * sigma_ratio).clamp(max=1.0)}
+        self.lo = {s: (_amax(v.abs() - self.ea[s]) - self.err[s]).clamp(0, 1) for s, v in self.a.items()}
+        self.head_hi = {s: _amax(v.abs() + self.ea[s]) for s, v in self.a.items()}
         self.hi = {s: self._cheap(s) for s in self.a}
+        self.runs: dict[tuple[str, int], tuple[torch.Tensor, Lanczos]] = {}  # (side, row) -> (columns, run)
 
     def _cheap(self, side: SideName) -> torch.Tensor:
-        a = self.a[side]
         if self.batch.Q.shape[-1] >= self.batch.Q.shape[-2]:  # the kept directions are all there are
-            return (_amax(a.abs()) + self.err[side]).clamp(0, 1)
-        rest = (1 - a.pow(2).sum(1)).clamp_min(0).sqrt()  # (b, k)
-        return (torch.maximum(_amax(a.abs()), rest) + self.err[side]).clamp(0, 1)
+            return (self.head_hi[side] + self.err[side]).clamp(0, 1)
+        taken = (self.a[side].abs() - self.ea[side]).clamp_min(0).pow(2).sum(1)
+        rest = (1 - taken).clamp_min(0).sqrt()  # (b, k)
+        return (torch.maximum(self.head_hi[side], rest) + self.err[side]).clamp(0, 1)
 
     def _lanczos(self, side: SideName, row: int, cols: torch.Tensor, steps: int) -> tuple[Quadrature, torch.Tensor]:
         """The quadrature of problem ``row``'s vectors ``cols`` after ``steps`` Lanczos steps, continuing the
@@ -272,35 +266,41 @@ class _Certificate:
         known = self.runs.get((side, row))
         if known is None or not torch.isin(cols, known[0]).all():
             W0, Q, rows = self.batch.W0[row : row + 1], self.batch.Q[row : row + 1], slice(row, row + 1)
-            if side == "left":
-                run = Lanczos(gram_operator(W0, "left"), self.x["left"][rows][..., cols], Q)
-            elif W0.shape[1] == W0.shape[2]:  # square: W0ᵀ W0 has no null space either; bound v directly
-                Vp, _ = torch.linalg.qr(t_mul(W0, Q))  # (1, n, p) spans the right top-p directions
-                run = Lanczos(gram_operator(W0, "right"), self.V[rows][..., cols], Vp)
-            else:  # z = W0 v, plus a seeded random column for the estimate of M's smallest eigenvalue
+            if side == "left":  # y - Q a, against W0 W0ᵀ
+                y = self.x["left"][rows][..., cols]
+                run = Lanczos(gram_operator(W0, "left"), y - Q @ (Q.mT @ y))
+            elif W0.shape[1] == W0.shape[2]:  # square: v itself against W0ᵀ W0 (no null space there)
+                run = Lanczos(gram_operator(W0, "right"), self.V[rows][..., cols])
+            else:  # z - Q Qᵀ z against W0 W0ᵀ, and a seeded random column for M's smallest eigenvalue
+                z = self.x["right"][rows][..., cols]
                 gen = torch.Generator().manual_seed(SEED)
                 rand = torch.randn(1, W0.shape[1], 1, generator=gen, dtype=W0.dtype).to(W0.device)
-                run = Lanczos(gram_operator(W0, "left"), torch.cat([self.x["right"][rows][..., cols], rand], -1), Q)
+                run = Lanczos(gram_operator(W0, "left"), torch.cat([z - Q @ (Q.mT @ z), rand], -1))
             known = self.runs[(side, row)] = (cols, run)
         where = torch.nonzero(known[0][:, None] == cols[None, :])[:, 0]  # positions of cols in the run
         return known[1].extend(steps).quadrature(), where
 
     def _tail(self, side: SideName, row: int, cols: torch.Tensor, steps: int) -> torch.Tensor:
-        """(1, c) upper bound on the largest squared cosine with a base vector outside Q."""
+        """(1, c) upper bound on the largest |cos| with a singular vector of W0 outside the kept ones."""
         q, where = self._lanczos(side, row, cols, steps)
-        if side == "left" or self.batch.W0.shape[1] == self.batch.W0.shape[2]:
-            return pair_sums(q).amax(-1)[:, where]
+        rows = slice(row, row + 1)
+        if side == "left":
+            spill = self.a["left"][rows][..., cols].norm(dim=1) * self.delta[rows, None]  # ‖a‖ Δ
+            return pair_sums(q).amax(-1)[:, where].sqrt() + spill
+        if self.batch.W0.shape[1] == self.batch.W0.shape[2]:
+            return pair_sums(q).amax(-1)[:, where].sqrt()
         real = q.weights[:, -1] > 0  # the random column's nodes
         floor = FLOOR_FACTOR * q.nodes[:, -1][real].min().clamp_min(0) if real.any() else q.nodes.new_zeros(())
-        return ratio_bound(Quadrature(q.nodes[:, :-1], q.weights[:, :-1]), floor.reshape(1))[:, where]
+        ratio = ratio_bound(Quadrature(q.nodes[:, :-1], q.weights[:, :-1]), floor.reshape(1))[:, where]
+        spill = self.qz[rows][..., cols] * self.delta[rows, None] / floor.sqrt().clamp_min(1e-300)
+        return ratio.sqrt() + spill
 
     def _refine(self, sides: tuple[SideName, ...], row: int, cols: torch.Tensor, steps: int) -> None:
         """Lanczos upper bounds for ``cols`` of problem ``row``, kept where tighter than before."""
         rows = slice(row, row + 1)
         for s in sides:
-            err = self.err[s][rows][..., cols]
-            tail = self._tail(s, row, cols, steps).clamp_min(0).sqrt()
-            hi = torch.maximum(self.lo[s][rows][..., cols] + 2 * err, tail + err).clamp(0, 1)
+            tail = self._tail(s, row, cols, steps)
+            hi = (torch.maximum(self.head_hi[s][rows][..., cols], tail) + self.err[s][rows][..., cols]).clamp(0, 1)
             self.hi[s][rows, cols] = torch.minimum(self.hi[s][rows, cols], hi)
 
     def run(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:

@@ -6,8 +6,10 @@ O(m²n + m³) of a complete decomposition, and p · min(m, n) floats to store in
 Only Ritz pairs whose residual ‖M z - θ z‖ is at most twice the typical rounding error of forming
 the Gram matrix M in float32 (2 sqrt(n) · 6e-8 · θ_1, n = the larger side) are kept, up to the
 p asked for; a product budget stops the solver before it chases the slowest directions of a flat
-bulk. The kept vectors are exact eigenvectors of a matrix within that residual of M, so the
-certificates are exact for a base that float32 cannot tell from W0.
+bulk. Each kept vector z_i records how far it may be from W0's own singular vector: the
+Davis-Kahan bound sqrt(2) · residual_i / gap_i, the gap measured to every other Ritz value of
+the run, less that value's own residual (an a-posteriori estimate, standard for converged Ritz
+pairs). The certificates carry these errors, so they hold for W0 itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .spectra import SideName
 
 P_MIN = 32  # fewest base directions kept
 P_MARGIN = 16  # p >= k + r + P_MARGIN
-BASE_BUDGET = 24  # operator columns per wanted pair before the solver keeps what has converged
+BASE_BUDGET = 12  # operator columns per wanted pair before the solver keeps what has converged
 SEED = 0
 
 
@@ -51,6 +53,7 @@ class TruncatedSpectrum:
     shape: tuple[int, int]  # (m, n) of W0
     requested: int  # the p asked for (fewer are kept when fewer converged within the budget)
     residual: float  # max over the kept pairs of ‖M z - σ² z‖ (absolute, M = smaller-side Gram)
+    errors: torch.Tensor  # (p,) float64: bound on ‖z_i - u_i‖ for W0's own singular vector u_i
 
     @property
     def p(self) -> int:
@@ -69,27 +72,29 @@ class TruncatedSpectrum:
         """At most the first ``p`` directions."""
         if p >= self.p:
             return self
-        return TruncatedSpectrum(self.S[:p], self.Z[:, :p], self.side, self.shape, p, self.residual)
+        return TruncatedSpectrum(self.S[:p], self.Z[:, :p], self.side, self.shape, p, self.residual, self.errors[:p])
 
     def transposed(self) -> TruncatedSpectrum:
         other: SideName = "right" if self.side == "left" else "left"
         return TruncatedSpectrum(self.S, self.Z, other, (self.shape[1], self.shape[0]), self.requested,
-                                 self.residual)
+                                 self.residual, self.errors)
 
     def to(self, device) -> TruncatedSpectrum:
         return TruncatedSpectrum(self.S.to(device), self.Z.to(device), self.side, self.shape, self.requested,
-                                 self.residual)
+                                 self.residual, self.errors.to(device))
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What the cache stores: tensors and string metadata."""
         meta = {"side": self.side, "shape": f"{self.shape[0]},{self.shape[1]}", "requested": str(self.requested),
                 "residual": repr(self.residual)}
-        return {"S": self.S.cpu().contiguous(), "Z": self.Z.cpu().contiguous()}, meta
+        tensors = {"S": self.S.cpu().contiguous(), "Z": self.Z.cpu().contiguous(), "E": self.errors.cpu().contiguous()}
+        return tensors, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TruncatedSpectrum:
         shape = tuple(int(x) for x in meta["shape"].split(","))
-        return cls(tensors["S"], tensors["Z"], meta["side"], shape, int(meta["requested"]), float(meta["residual"]))
+        return cls(tensors["S"], tensors["Z"], meta["side"], shape, int(meta["requested"]), float(meta["residual"]),
+                   tensors["E"])
 
 
 def gram_operator(W: torch.Tensor, side: SideName):
@@ -120,4 +125,15 @@ def compute_truncated(stored: torch.Tensor, p: int, device: torch.device | str =
     Z = res.Y[0][:, keep]  # the converged pairs, in descending order
     Z = Z * sign_rule(Z)
     residual = float(resid[keep].max()) if keep.numel() else 0.0
-    return TruncatedSpectrum(theta[keep].sqrt().cpu(), Z.to(cd).cpu(), side, (m, n), p, residual)
+    errors = vector_errors(theta, resid)[keep]
+    return TruncatedSpectrum(theta[keep].sqrt().cpu(), Z.to(cd).cpu(), side, (m, n), p, residual, errors.cpu())
+
+
+def vector_errors(theta: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """(s,) Davis-Kahan bounds sqrt(2) · r_i / gap_i on each Ritz vector's distance to its eigenvector; the gap
+    to every other Ritz value j is shortened by r_j, within which its eigenvalue lies (1 where no gap is left)."""
+    gaps = (theta[:, None] - theta[None, :]).abs() - resid[None, :]  # (s, s)
+    gaps.fill_diagonal_(float("inf"))
+    gap = gaps.amin(1) if theta.numel() > 1 else torch.full_like(theta, float("inf"))
+    err = torch.where(gap > 0, 2**0.5 * resid / gap.clamp_min(1e-300), torch.ones_like(gap))
+    return torch.where(resid > 0, err, torch.zeros_like(err)).clamp(max=1.0).double()
