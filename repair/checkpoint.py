@@ -111,6 +111,9 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
+RELEASE_BYTES = 16 << 20  # unmap the shard after reading a tensor at least this large
+
+
 class CheckpointReader:
     """Reads tensors by name from a safetensors file, a folder, or a sharded folder with an index.
 
@@ -175,13 +178,17 @@ class CheckpointReader:
         return 4 * math.prod(self.shape(name))
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor."""
+        """Load one tensor (a copy). After a large one the shard is unmapped, so the pages it touched stop
+        counting towards this process's memory: reading a model tensor by tensor stays bounded."""
         path = self._files.get(name)
         if path is None:
             raise CheckpointError(f"{self.path}: has no tensor named {name!r}.")
         try:
             with self._lock:
-                return self._open(path).get_tensor(name)
+                tensor = self._open(path).get_tensor(name)
+                if tensor.nbytes >= RELEASE_BYTES and not isinstance(self._handle, _PickleHandle):
+                    self._handle, self._open_path = None, None  # the next read maps it again (a header parse)
+                return tensor
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e}).") from e
 

@@ -160,7 +160,7 @@ class PairSource:
                 elif p is not None and not self.spectra.has_truncated(key, p):
                     self.spectra.compute_truncated(key, stored, p, device)
 
-            for _ in tqdm(ordered_map(work, self.names, workers), total=len(self.names), desc="base spectra",
+            for _ in tqdm(ordered_map(work, self.names, workers, depth=0), total=len(self.names), desc="base spectra",
                           unit="matrix", disable=None):
                 pass
         join()

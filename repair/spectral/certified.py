@@ -190,11 +190,11 @@ class _Batch:
         start = self._start()
         m, want = self.W0.shape[1], min(self.W0.shape[1], self.k + GUARD)
         res = top_eigenpairs(self.tuned.gram, start, self.k, TUNED_TOL, max_dim=min(m, start.shape[-1] + 6 * want),
-                             max_products=start.shape[-1] + PRODUCTS_PER_PAIR * want)
+                             max_products=start.shape[-1] + PRODUCTS_PER_PAIR * want, expand_all=False)
         ok = (res.residual[:, : self.k] <= TUNED_TOL * res.theta[:, :1].abs().clamp_min(1e-300)).all(1)
         if precise and self.cd != torch.float64:
             res = top_eigenpairs(self.tuned.to(torch.float64).gram, res.Y.double(), self.k, PRECISE_TOL,
-                                 max_dim=min(m, 4 * want), max_products=PRODUCTS_PER_PAIR * want)
+                                 max_dim=min(m, 4 * want), max_products=PRODUCTS_PER_PAIR * want, expand_all=False)
         return res, ok
 
     def solve(self, sides: tuple[SideName, ...], decisions: Decisions, precise: bool) -> list[CertifiedTopK | None]:
