@@ -1,23 +1,24 @@
 """The certified path: the tuned top-k without a complete base basis, with bounds on max|cos|.
 
-Definition 1 needs c(y) = max_j |cos(y, y0_j)| over every base singular vector y0_j. With only the
-top p base directions Q (the smaller side, see ``truncated``: exact eigenvectors of a Gram matrix
-within float32 rounding of W0 W0ᵀ), c(y) is bracketed, a = Qᵀ y:
+Definition 1 needs c(y) = max_j |cos(y, u_j)| over every base singular vector u_j. With only the
+top p base directions Q (the smaller side, see ``truncated``), each q_i within δ_i of u_i, c(y) is
+bracketed, a = Qᵀ y:
 
-- lower bound: lo = max |a|, the cosines with the kept directions;
-- cheap upper bound: the other directions share 1 - ‖a‖², so hi = max(max |a|, sqrt(1 - ‖a‖²));
-- Lanczos upper bound, for vectors the cheap one leaves undecided: the rest of y has a spectral
-  measure with respect to the Gram matrix M deflated by Q. s Lanczos steps give its Gauss
-  quadrature, nodes θ_l and weights ω_l, and by the Chebyshev-Markov-Stieltjes inequalities a point
-  mass between θ_l and θ_(l+1) is at most ω_l + ω_(l+1) (ω_1 below θ_1, ω_s above θ_s). So
-  hi = max(lo, sqrt(max_l (ω_l + ω_(l+1)))).
+- lower bound: max_i (|a_i| - δ_i), the cosines with the kept directions;
+- cheap upper bound: the kept directions take at least Σ (|a_i| - δ_i)² of the unit vector's
+  squared cosines, so hi = max(max_i (|a_i| + δ_i), sqrt(1 - Σ (|a_i| - δ_i)²));
+- Lanczos upper bound, for vectors the cheap one leaves undecided: y - Q a has a spectral measure
+  with respect to W0's own Gram matrix M. s Lanczos steps give its Gauss quadrature, nodes θ_l and
+  weights ω_l, and by the Chebyshev-Markov-Stieltjes inequalities a point mass between θ_l and
+  θ_(l+1) is at most ω_l + ω_(l+1) (ω_1 below θ_1, ω_s above θ_s); Q a adds at most ‖a‖ Δ to any
+  singular vector outside Q, Δ = sqrt(Σ δ_i²).
 
 On the larger side of a rectangular matrix M has a null space that holds no singular vector but
 would swallow the bound, so there the measure of z = W0 v is used instead: its masses are λ_j c_j²,
 and c_j² <= (ω_l + ω_(l+1)) / θ_l; below θ_1 the divisor is an estimate of M's smallest eigenvalue:
 FLOOR_FACTOR times the smallest Ritz value of a seeded random vector's Lanczos run, which rides
 along with the others at no cost. It is the one quantity in the certificate that is estimated.
-The tuned vectors' own residuals (Davis-Kahan) widen both bounds. A vector is decided at a
+The tuned vectors' own residuals (Davis-Kahan) widen every bound. A vector is decided at a
 threshold τ when hi + MARGIN < τ (an intruder) or lo - MARGIN >= τ (not one); undecided vectors get
 more Lanczos steps, then the matrix returns None and the caller takes the exact path.
 
