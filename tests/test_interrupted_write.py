@@ -15,12 +15,12 @@ from repair.writer import TMP_MARKER
 
 
 def medium_llama():
-    """About 600 MB of float32 weights: large enough that writing takes a measurable time."""
+    """About 1 GB of float32 weights: large enough that writing takes a measurable time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=16384, hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=14, num_attention_heads=8, num_key_value_heads=2,
+                                        num_hidden_layers=24, num_attention_heads=8, num_key_value_heads=2,
                                         tie_word_embeddings=False))
 
 

@@ -27,6 +27,7 @@ P_MIN = 32  # fewest base directions kept
 P_MARGIN = 16  # p >= k + r + P_MARGIN
 BASE_BUDGET = 12  # operator columns per wanted pair before the solver keeps what has converged
 SEED = 0
+SOLVER = f"budget={BASE_BUDGET},tol=2sqrt(n)u,seed={SEED}"  # stored with each spectrum; another value is a miss
 
 
 def base_tol(n: int, dtype: torch.dtype = torch.float32) -> float:
@@ -86,12 +87,14 @@ class TruncatedSpectrum:
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """What the cache stores: tensors and string metadata."""
         meta = {"side": self.side, "shape": f"{self.shape[0]},{self.shape[1]}", "requested": str(self.requested),
-                "residual": repr(self.residual)}
+                "residual": repr(self.residual), "solver": SOLVER}
         tensors = {"S": self.S.cpu().contiguous(), "Z": self.Z.cpu().contiguous(), "E": self.errors.cpu().contiguous()}
         return tensors, meta
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> TruncatedSpectrum:
+        if meta.get("solver") != SOLVER:
+            raise ValueError(f"computed with other solver settings ({meta.get('solver')})")
         shape = tuple(int(x) for x in meta["shape"].split(","))
         return cls(tensors["S"], tensors["Z"], meta["side"], shape, int(meta["requested"]), float(meta["residual"]),
                    tensors["E"])
