@@ -1,1 +1,15 @@
-"""Evaluation harness: downstream accuracy against forgetting, with lm-eval."""
+"""Evaluation harness: downstream accuracy against forgetting, with lm-eval.
+
+``sweep`` and ``compare`` are the functions behind ``repair sweep`` and ``repair compare``
+(see ``evals.api``), imported on first use.
+"""
+
+from importlib import import_module
+
+__all__ = ["sweep", "compare"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(import_module("evals.api"), name)
+    raise AttributeError(f"module 'evals' has no attribute {name!r}")

@@ -37,18 +37,25 @@ class AdapterSettings(BaseModel):
 
 def load_lora_config(path: Path):
     """Parse ``adapter_config.json`` with peft and check it is a LoRA adapter."""
-    from peft import LoraConfig, PeftConfig
+    from peft import PeftConfig
 
     cfg_file = path / ADAPTER_CONFIG
     try:
         config = PeftConfig.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - peft raises ValueError, TypeError, JSONDecodeError...
         raise CheckpointError(f"{cfg_file}: not a valid PEFT adapter config ({e}).") from e
+    return check_lora_config(config, str(cfg_file))
+
+
+def check_lora_config(config, where: str):
+    """``config`` if it is a LoRA config this tool reads; otherwise one sentence naming ``where`` it came from."""
+    from peft import LoraConfig
+
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type != "LORA" or not isinstance(config, LoraConfig):
-        raise CheckpointError(f"{cfg_file}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
+        raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
     if getattr(config, "layer_replication", None):
-        raise CheckpointError(f"{cfg_file}: layer_replication is not supported.")
+        raise CheckpointError(f"{where}: layer_replication is not supported.")
     return config
 
 
@@ -123,6 +130,12 @@ def patched_config(path: Path, ranks: dict[str, int], scaling: dict[str, float],
     cfg = json.loads((path / ADAPTER_CONFIG).read_text())
     new_ranks = {re.escape(m): r for m, r in ranks.items()}
     new_alpha = {re.escape(m): scaling[m] * (r**0.5 if use_rslora else r) for m, r in ranks.items()}
-    cfg["rank_pattern"] = {**new_ranks, **(cfg.get("rank_pattern") or {})}
-    cfg["alpha_pattern"] = {**new_alpha, **(cfg.get("alpha_pattern") or {})}
+    cfg["rank_pattern"] = merge_patterns(new_ranks, cfg.get("rank_pattern"))
+    cfg["alpha_pattern"] = merge_patterns(new_alpha, cfg.get("alpha_pattern"))
     return cfg
+
+
+def merge_patterns(new: dict[str, float], old: dict[str, float] | None) -> dict[str, float]:
+    """``new`` first (peft takes the first match), then the old patterns it does not replace: an adapter
+    patched twice keeps the new ranks, not those of the first patch."""
+    return {**new, **{k: v for k, v in (old or {}).items() if k not in new}}

@@ -197,7 +197,7 @@ def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked,
           dtype, device_map, detect_opts):
     """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
     from evals.results import markdown_table
-    from evals.sweep import SweepOptions, run_sweep
+    from evals.sweeper import SweepOptions, run_sweep
 
     opts = SweepOptions(out=out, scales=scales, task=task, forgetting=forgetting, limit=limit, pick=pick,
                         write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
@@ -227,7 +227,7 @@ def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked,
 @_handle_errors
 def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dtype, device_map):
     """Side-by-side lm-eval table of MODELS (folders, hub ids, smollm2-135m, or LoRA adapters)."""
-    from evals.compare import run_compare
+    from evals.comparison import run_compare
     from evals.models import Placement
 
     placement = Placement(device, dtype, device_map)
@@ -248,7 +248,10 @@ def finetune(recipe, out, overwrite):
     from .recipe import load_recipe
 
     final = run_finetune(load_recipe(recipe), out, overwrite)
-    click.echo(f"Wrote {final} (checkpoints in {out / 'checkpoints'}, log in {out / 'training_log.json'})")
+    made = [f"checkpoints in {out / 'checkpoints'}", f"log in {out / 'training_log.json'}"]
+    if (out / "intruders.json").is_file():
+        made.append(f"intruders over training in {out / 'intruders.json'}")
+    click.echo(f"Wrote {final} ({', '.join(made)})")
 
 
 @main.command()
@@ -257,14 +260,18 @@ def finetune(recipe, out, overwrite):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--k-max", default=50, show_default=True, type=int, help="Largest k in the intruders-vs-k curve.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Folder of step-N checkpoints (from `repair finetune`) for the Fig. 7 plot.")
+              help="Folder of step-N checkpoints for the Fig. 7 plot (one detection per step).")
+@click.option("--history", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="intruders.json from `repair finetune` (IntruderMonitor) for the Fig. 7 plot, without detection.")
 @_detect_options
 @_handle_errors
-def figures(base, tuned, out, k_max, checkpoints, detect_opts):
+def figures(base, tuned, out, k_max, checkpoints, history, detect_opts):
     """Draw the paper's diagnostics for BASE vs TUNED: similarity matrix, ε and k curves, effective rank."""
     from .figures import make_figures
 
-    for f in make_figures(base, tuned, out, detect_opts.top_k, k_max, detect_opts, checkpoints):
+    if checkpoints is not None and history is not None:
+        raise click.UsageError("--checkpoints and --history both give Fig. 7's data; pass one of them.")
+    for f in make_figures(base, tuned, out, detect_opts.top_k, k_max, detect_opts, checkpoints, history):
         click.echo(f"wrote {f}")
 
 

@@ -46,7 +46,7 @@ class DemoResult:
 
 def run_demo(out: Path, retrain: bool = False, limit: int | None = 200) -> DemoResult:
     """Run the demo into ``out`` (finished sweep points are reused on a rerun)."""
-    from evals.sweep import SweepOptions, run_sweep
+    from evals.sweeper import SweepOptions, run_sweep
 
     from .figures import make_figures
 

@@ -200,7 +200,11 @@ def detect(base: str, tuned: str, opts: DetectOptions | None = None) -> Detectio
     """Find intruder dimensions in every selected matrix of ``tuned`` against ``base``."""
     opts = opts or DetectOptions()
     opts.validate()
-    src = opts.pairs(base, tuned)
+    return detect_source(opts.pairs(base, tuned), opts, base, tuned)
+
+
+def detect_source(src: PairSource, opts: DetectOptions, base: str, tuned: str) -> DetectionReport:
+    """The detection report of a pair source (folders, or a live model; see ``live``)."""
     matrices = [report for _, report, _ in analyse(src, opts)]
     return DetectionReport.build(
         matrices, tool_version=__version__, base=base, tuned=tuned, top_k=opts.top_k,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spectral.linalg import lowrank_singular_values
+from .spectral.linalg import lowrank_fro_norm, lowrank_singular_values
 
 
 @dataclass(frozen=True)
@@ -92,3 +92,25 @@ def truncation_error(B_scaled: torch.Tensor, A: torch.Tensor, patch: MatrixPatch
     s = lowrank_singular_values(Bx, Ax).double()
     total = s.pow(2).sum()
     return float((s[rank:].pow(2).sum() / total).sqrt()) if total > 0 else 0.0
+
+
+def rewrite_error(B: torch.Tensor, A: torch.Tensor, scaling: float, B2: torch.Tensor, A2: torch.Tensor,
+                  patch: MatrixPatch) -> float:
+    """Relative Frobenius error of written unscaled factors (B2, A2) against the patched update.
+
+    W' - W0 = [B s, U c] [A; Vh], compared with B2 s A2 without forming a dense matrix.
+    """
+    Uc = patch.U * patch.coeff
+    update = lowrank_fro_norm(torch.cat([B * scaling, Uc], 1), torch.cat([A, patch.Vh], 0))
+    diff = lowrank_fro_norm(torch.cat([B2 * scaling, -B * scaling, -Uc], 1), torch.cat([A2, A, patch.Vh], 0))
+    return diff / update if update > 0 else 0.0
+
+
+def dora_rewrite_error(W0: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor, scaling: float,
+                       magnitude: torch.Tensor, W_new: torch.Tensor) -> float:
+    """Relative Frobenius error of a written DoRA module (unscaled factors, magnitude) against W', as peft
+    will merge it: m / ‖W0 + B2 A2 s‖_row · (W0 + B2 A2 s)."""
+    W = W0.float() + (B2 @ A2) * scaling
+    W = (magnitude / torch.linalg.norm(W, dim=1))[:, None] * W
+    update = (W_new - W0.float()).norm()
+    return float((W - W_new).norm() / update) if update > 0 else 0.0

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, replace
@@ -121,8 +122,11 @@ def _step(folder: Path) -> int:
     return int(m[1]) if m else -1
 
 
-def plot_training(base: str, checkpoints: Path, matrix: str, k: int, opts: DetectOptions, path: Path) -> Path:
-    """Fig. 7: for one matrix, the rank and σ of its intruders at each saved step."""
+TrainingRow = tuple[int, list[int], list[float]]  # step, intruder ranks, their σ
+
+
+def checkpoint_rows(base: str, checkpoints: Path, matrix: str, k: int, opts: DetectOptions) -> list[TrainingRow]:
+    """Fig. 7's data from saved step folders: one detection per checkpoint."""
     folders = sorted((p for p in checkpoints.iterdir() if p.is_dir() and _step(p) >= 0), key=_step)
     if not folders:
         raise RepairError(f"--checkpoints {checkpoints}: no step folders (e.g. step-000100) inside.")
@@ -131,6 +135,25 @@ def plot_training(base: str, checkpoints: Path, matrix: str, k: int, opts: Detec
         src = PairSource(resolve(base), resolve(str(f)), f"^{re.escape(matrix)}$", opts.allow_pickle, spectra)
         [(_, found)] = analyse_pairs(src, src.names, replace(opts, top_k=k))
         rows.append((_step(f), found.intruders, found.tuned.S[found.intruders].tolist()))
+    return rows
+
+
+def history_rows(history: Path, matrix: str) -> tuple[list[TrainingRow], int]:
+    """Fig. 7's data from an ``IntruderMonitor`` history (``repair finetune``'s intruders.json), and its k."""
+    try:
+        doc = json.loads(history.read_text())
+        steps = [(int(e["step"]), e["matrices"].get(matrix)) for e in doc["steps"]]
+        k = int(doc["top_k"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RepairError(f"--history {history}: expected an intruders.json from repair finetune ({e}).") from e
+    rows = [(step, m["intruders"], m["sigma"]) for step, m in steps if m is not None]
+    if not rows:
+        raise RepairError(f"--history {history}: has no record of {matrix}.")
+    return rows, k
+
+
+def plot_training(rows: list[TrainingRow], matrix: str, k: int, path: Path) -> Path:
+    """Fig. 7: for one matrix, the rank and σ of its intruders at each measured step."""
     plt = _plt()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for step, ranks, sig in rows:
@@ -146,9 +169,12 @@ def plot_training(base: str, checkpoints: Path, matrix: str, k: int, opts: Detec
     return _save(fig, path)
 
 
-def make_figures(base: str, tuned: str, out: Path, k: int = 10, k_max: int = 50,
-                 opts: DetectOptions | None = None, checkpoints: Path | None = None) -> list[Path]:
-    """Draw every diagnostic into ``out``; returns the files written."""
+def make_figures(base: str, tuned: str, out: Path, k: int = 10, k_max: int = 50, opts: DetectOptions | None = None,
+                 checkpoints: Path | None = None, history: Path | None = None) -> list[Path]:
+    """Draw every diagnostic into ``out``; returns the files written.
+
+    Fig. 7 comes from ``history`` (the monitor's record, no detection) or from ``checkpoints`` (one per step).
+    """
     opts = opts or DetectOptions(top_k=k)
     opts.validate()
     out.mkdir(parents=True, exist_ok=True)
@@ -156,6 +182,10 @@ def make_figures(base: str, tuned: str, out: Path, k: int = 10, k_max: int = 50,
     worst = min(stats, key=lambda m: (-int((m.max_cos[:k] < opts.epsilon).sum()), float(m.max_cos[:k].min())))
     files = [plot_similarity(worst, opts.epsilon, out / "similarity.png"),
              *plot_counts(stats, k, opts.epsilon, out), plot_effective_rank(stats, out / "effective_rank.png")]
-    if checkpoints is not None:
-        files.append(plot_training(base, checkpoints, worst.name, k, opts, out / "training_intruders.png"))
+    if history is not None:
+        rows, k_hist = history_rows(history, worst.name)
+        files.append(plot_training(rows, worst.name, k_hist, out / "training_intruders.png"))
+    elif checkpoints is not None:
+        rows = checkpoint_rows(base, checkpoints, worst.name, k, opts)
+        files.append(plot_training(rows, worst.name, k, out / "training_intruders.png"))
     return files

@@ -77,7 +77,10 @@ def _save_callback(steps: set[int], folder: Path, tok):
 
 
 def finetune(recipe: Recipe, out: Path, overwrite: bool = False) -> Path:
-    """Train per the recipe and write ``adapter/`` (LoRA) or ``model/`` (full), checkpoints and the log."""
+    """Train per the recipe and write ``adapter/`` (LoRA) or ``model/`` (full), checkpoints and the log.
+
+    LoRA runs also write ``intruders.json``: the ``IntruderMonitor`` history (Fig. 7 without reloading checkpoints).
+    """
     from datasets import Dataset
     from transformers import (
         AutoModelForCausalLM,
@@ -108,12 +111,19 @@ def finetune(recipe: Recipe, out: Path, overwrite: bool = False) -> Path:
         trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                           data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
                           callbacks=[_save_callback(set(t.save_steps), tmp / "checkpoints", tok)])
+        monitor = None
+        if recipe.method == "lora" and t.intruders_every is not None:  # Fig. 7's data, counted in memory
+            from .monitor import IntruderMonitor
+
+            monitor = IntruderMonitor(every=t.intruders_every, steps=t.save_steps).attach(trainer)
         trainer.train()
+        if monitor is not None:
+            monitor.write_history(tmp / "intruders.json")
         final = tmp / ("adapter" if recipe.method == "lora" else "model")
         model.save_pretrained(str(final))
         tok.save_pretrained(str(final))
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        log = [e for e in trainer.state.log_history if "loss" in e or "train_loss" in e]
+        log = [e for e in trainer.state.log_history if {"loss", "train_loss", "intruders/total"} & set(e)]
         write_text_atomic(tmp / "training_log.json", json.dumps(log, indent=2) + "\n")
         write_text_atomic(tmp / "recipe.json", recipe.model_dump_json(indent=2) + "\n")
     return out / final.name

@@ -84,7 +84,7 @@ class PairSource:
         self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter else None
         self.tuned = None if self.adapter else CheckpointReader(tuned.path, "model", allow_pickle)
         self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
-        self.modules = _compile(modules)
+        self.modules = compile_modules(modules)
         self.names = self._select()
         if not self.names:
             what = f"--modules {modules!r}" if modules else "the default selection"
@@ -219,7 +219,7 @@ def _finite(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
     return t
 
 
-def _compile(modules: str | None) -> re.Pattern[str] | None:
+def compile_modules(modules: str | None) -> re.Pattern[str] | None:
     if modules is None:
         return None
     try:

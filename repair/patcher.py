@@ -18,14 +18,22 @@ from .adapter_settings import ADAPTER_CONFIG, patched_config
 from .archs import module_type
 from .checkpoint import file_sha256
 from .detector import DetectOptions, analyse_pairs, prefetch
-from .editor import MatrixPatch, apply_patch, dora_row_scale, extend_lora, make_patch, truncation_error
+from .editor import (
+    MatrixPatch,
+    apply_patch,
+    dora_rewrite_error,
+    dora_row_scale,
+    extend_lora,
+    make_patch,
+    rewrite_error,
+    truncation_error,
+)
 from .errors import RepairError
 from .pairs import MatrixPair, PairSource
 from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_scale
 from .report import InputFile, MatrixEdit, PatchReport, Provenance
 from .solver import solve_pairs
-from .spectral.linalg import lowrank_fro_norm
 from .writer import TensorWriter, atomic_output_dir, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -99,11 +107,11 @@ def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
             if patch is None:
                 patched[pair.name] = (_unpatched(src, pair.name), None)
             elif patch.is_noop:
-                patched[pair.name] = (_unpatched(src, pair.name), _edit_record(pair, patch))
+                patched[pair.name] = (_unpatched(src, pair.name), edit_record(pair, patch))
             else:
                 stored = pair.base.T if pair.transposed else pair.base
                 W = _stored(pair, apply_patch(pair.tuned, patch), stored.dtype)
-                patched[pair.name] = (W, _edit_record(pair, patch))
+                patched[pair.name] = (W, edit_record(pair, patch))
         return [(n, *patched[n]) if n in patched else (n, _unpatched(src, n), None) for n in batch]
 
     results = ordered_batches(work, names, opts.detect.workers, reader.float32_bytes, opts.detect.batch_bytes)
@@ -137,7 +145,7 @@ def _unpatched(src: PairSource, name: str) -> torch.Tensor:
     return src.base.get(name)
 
 
-def _edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:
+def edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:
     return MatrixEdit(
         name=pair.name, module_type=module_type(pair.name), intruders=patch.intruders, scale=patch.scale,
         sigma_old=[round(float(s), 6) for s in patch.sigma_old],
@@ -160,15 +168,11 @@ def _rewrite_lora(src: PairSource, name: str, pair: MatrixPair, patch: MatrixPat
         key = lm.keys["lora_magnitude_vector"]
         old = adapter.reader.get(key)
         tensors[key] = torch.linalg.norm(W_new, dim=1).to(old.dtype).reshape(old.shape)
-        update = (W_new - pair.base.float()).norm()
-        error = float((_rebuild(pair.base, tensors, lm, adapter) - W_new).norm() / update) if update > 0 else 0.0
-    else:  # W_new - W0 = [B s, U c] [A; Vh]: compare with the written factors without dense matrices
-        Bw, Aw = _written_factors(tensors, lm)
-        Uc, s = patch.U * patch.coeff, lm.scaling
-        update = lowrank_fro_norm(torch.cat([B * s, Uc], 1), torch.cat([A, patch.Vh], 0))
-        diff = lowrank_fro_norm(torch.cat([Bw * s, -B * s, -Uc], 1), torch.cat([Aw, A, patch.Vh], 0))
-        error = diff / update if update > 0 else 0.0
-    record = _edit_record(
+        magnitude = tensors[key].float().reshape(-1)
+        error = dora_rewrite_error(pair.base, *_written_factors(tensors, lm), lm.scaling, magnitude, W_new)
+    else:
+        error = rewrite_error(B, A, lm.scaling, *_written_factors(tensors, lm), patch)
+    record = edit_record(
         pair, patch, adapter_rank=B2.shape[1], reconstruction_error=error,
         peft_truncation_error=None if lm.is_dora else truncation_error(B * lm.scaling, A, patch, lm.rank),
     )
@@ -180,16 +184,6 @@ def _written_factors(tensors: dict[str, torch.Tensor], lm) -> tuple[torch.Tensor
     if lm.is_embedding:
         return tensors[lm.keys["lora_embedding_A"]].float().T, tensors[lm.keys["lora_embedding_B"]].float().T
     return tensors[lm.keys["lora_B"]].float(), tensors[lm.keys["lora_A"]].float()
-
-
-def _rebuild(W0: torch.Tensor, tensors: dict[str, torch.Tensor], lm, adapter) -> torch.Tensor:
-    """W_tuned implied by the written tensors, as peft will merge them: a check, not an input."""
-    B, A = _written_factors(tensors, lm)
-    W = W0.float() + (B @ A) * lm.scaling
-    if lm.is_dora:
-        m = tensors[lm.keys["lora_magnitude_vector"]].float().reshape(-1)
-        W = (m / torch.linalg.norm(W, dim=1))[:, None] * W
-    return W
 
 
 def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edits: list[MatrixEdit]):
@@ -205,14 +199,14 @@ def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edi
             if patch is None:
                 results.append((name, None, {}, None))
             elif patch.is_noop:
-                results.append((name, None, {}, _edit_record(pair, patch)))
+                results.append((name, None, {}, edit_record(pair, patch)))
             elif name in src.lora_names:
                 tensors, rank, record = _rewrite_lora(src, name, pair, patch)
                 results.append((name, rank, tensors, record))
             else:  # a modules_to_save tensor: a full matrix, patched densely
                 key = adapter.replaced[name]
                 tensors = {key: _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)}
-                results.append((name, None, tensors, _edit_record(pair, patch)))
+                results.append((name, None, tensors, edit_record(pair, patch)))
         return results
 
     results = ordered_batches(work, src.names, opts.detect.workers, src.base.float32_bytes, opts.detect.batch_bytes)

@@ -55,6 +55,13 @@ def torch_threads(n: int):
         torch.set_num_threads(old)
 
 
+def _one_thread() -> None:
+    """Worker start: one intra-op thread here too (OpenMP keeps the count per thread, so the setting made on
+    the calling thread does not reach new workers, whose BLAS calls would otherwise use every core and round
+    differently depending on what runs beside them)."""
+    torch.set_num_threads(1)
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int = 2) -> Iterator[R]:
     """``fn(item)`` for each item on ``workers`` threads, yielded in input order.
 
@@ -65,7 +72,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
         with torch_threads(1):  # per-matrix work is many small operations: extra threads only spin
             yield from map(fn, items)
         return
-    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="repair") as pool:
+    with torch_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="repair", initializer=_one_thread) as pool:
         pending: deque = deque()
         try:
             for item in items:

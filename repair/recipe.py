@@ -53,6 +53,9 @@ class TrainRecipe(_Strict):
     max_length: int = Field(64, gt=1)
     save_steps: list[int] = Field(default_factory=list, description="also save checkpoints at these steps")
     logging_steps: int = Field(10, gt=0)
+    intruders_every: int | None = Field(
+        25, gt=0, description="LoRA: count intruders every N steps, at save_steps and at the end (IntruderMonitor); "
+                              "null: no monitor")
 
 
 class Recipe(_Strict):

@@ -186,3 +186,18 @@ class PatchReport(BaseModel):
 
     def write_json(self, path: Path) -> None:
         write_text_atomic(Path(path), self.model_dump_json(indent=2) + "\n")
+
+
+class LivePatchReport(BaseModel):
+    """What ``patch_model`` did to a live model: the new adapter (None when merged) and every edit."""
+
+    schema_version: str = SCHEMA_VERSION
+    tool_version: str
+    adapter: str | None = Field(description="the adapter added and activated; None when W' was merged in")
+    scale: float
+    top_k: int
+    epsilon: float
+    examined_matrices: int
+    patched_matrices: int
+    total_intruders: int
+    matrices: list[MatrixEdit]

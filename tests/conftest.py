@@ -86,6 +86,21 @@ def merged_state(base_model_fn, adapter_path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+def same_records(a: list, b: list, tol: float = 2e-6) -> bool:
+    """Report entries equal, floats to ``tol``: BLAS may round differently on differently aligned memory
+    (mmap'd files against tensors torch allocated), and reports keep 6 decimals."""
+    def close(x, y) -> bool:
+        if isinstance(x, float) and isinstance(y, float):
+            return abs(x - y) <= tol
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(close(u, v) for u, v in zip(x, y, strict=True))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(close(x[k], y[k]) for k in x)
+        return x == y
+
+    return close([m.model_dump() for m in a], [m.model_dump() for m in b])
+
+
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory) -> Path:
     return save_model(tiny_llama(), tmp_path_factory.mktemp("llama") / "base")

@@ -139,7 +139,7 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
 
 def test_pick_rule():
     from evals.results import SweepPoint
-    from evals.sweep import choose
+    from evals.sweeper import choose
 
     def pt(scale, acc, nll):
         return SweepPoint(label=str(scale), scale=scale, accuracy=acc, forgetting_nll=nll, forgetting_delta=0,
@@ -184,3 +184,19 @@ def test_shipped_addition_task_is_the_generator_output(tmp_path):
     train = {r["prompt"] for r in addition_examples("train", 7000)}
     assert not train & {r["prompt"] for r in addition_examples("test", 1000)}  # disjoint splits
     assert str(Path(str(shipped)).resolve()) in materialize_task("addition").read_text()
+
+
+def test_python_api_sweep_and_compare_equal_the_commands(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
+    import evals
+
+    res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, tmp_path / "cli")
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "cli" / "sweep.json").read_text())
+    api = evals.sweep(llama_base, llama_adapter, tmp_path / "api", scales=(0.0, 0.5, 1.0), task=str(mc_task),
+                      forgetting=str(corpus_file))
+    for mine, theirs in zip([api.base, api.tuned, *api.points], [cli["base"], cli["tuned"], *cli["points"]],
+                            strict=True):
+        assert (mine.scale, mine.accuracy, mine.forgetting_nll, mine.intruders) == \
+            (theirs["scale"], theirs["accuracy"], theirs["forgetting_nll"], theirs["intruders"])
+    table = evals.compare([llama_base, llama_adapter], [str(mc_task)], base=str(llama_base))
+    assert table.rows[1].scores["tiny_add"].value == api.tuned.accuracy

@@ -83,6 +83,14 @@ def test_five_step_lora_finetune_of_a_tiny_model(llama_base, tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in final.items())  # B moved from 0
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(out / "adapter")])
     assert res.exit_code == 0, res.output
+    history = json.loads((out / "intruders.json").read_text())  # IntruderMonitor, at save_steps and the end
+    assert [h["step"] for h in history["steps"]] == [0, 2, 5]
+    assert [e["step"] for e in log if "intruders/total" in e] == [0, 2, 5]
+    for h in history["steps"][1:]:
+        ckpt = out / "checkpoints" / f"step-{h['step']:06d}"
+        res = CliRunner().invoke(main, ["detect", str(llama_base), str(ckpt), "--json", str(out / "d.json")])
+        assert res.exit_code == 0, res.output
+        assert h["intruders/total"] == json.loads((out / "d.json").read_text())["total_intruders"]
 
 
 def test_train_b_only_freezes_orthonormal_a(llama_base, tmp_path):
@@ -118,6 +126,14 @@ def test_figures_on_a_tiny_pair(llama_base, tmp_path):
     assert res.exit_code == 0, res.output
     for name in ["similarity", "intruders_vs_epsilon", "intruders_vs_k", "effective_rank", "training_intruders"]:
         assert (out / f"{name}.png").stat().st_size > 5000, name
+    hist = tmp_path / "fig-history"  # Fig. 7 from the monitor's record, no detection per checkpoint
+    res = CliRunner().invoke(main, ["figures", str(llama_base), str(ft / "adapter"), "--out", str(hist),
+                                    "--k-max", "20", "--history", str(ft / "intruders.json")])
+    assert res.exit_code == 0, res.output
+    assert (hist / "training_intruders.png").stat().st_size > 5000
+    res = CliRunner().invoke(main, ["figures", str(llama_base), str(ft / "adapter"), "--out", str(hist),
+                                    "--history", str(ft / "intruders.json"), "--checkpoints", str(ft / "checkpoints")])
+    assert res.exit_code == 2 and "pass one of them" in res.output
 
 
 def test_intruder_curves_count_what_detect_counts(llama_base, llama_adapter):

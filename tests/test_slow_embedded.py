@@ -137,3 +137,27 @@ def test_sweep_with_device_map_auto_equals_single_device(tmp_path):
         points[label] = [(p["scale"], p["accuracy"], p["forgetting_nll"], p["intruders"])
                          for p in [report["base"], report["tuned"], *report["points"]]]
     assert points["single"] == points["mapped"]
+
+
+def test_live_demo_model_gives_what_the_folders_give(smollm2, tmp_path):
+    """detect_model / patch_model on the embedded default with the demo adapter in memory, against the CLI path."""
+    from conftest import same_records
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import repair
+    from repair.demo import demo_dir
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smollm2)), str(demo_dir()))
+    live = repair.detect_model(model)
+    files = repair.detect("smollm2-135m", demo_dir())
+    assert live.total_intruders == files.total_intruders > 0
+    assert same_records(live.matrices, files.matrices)
+    model, report = repair.patch_model(model, 0.0)
+    written = repair.patch("smollm2-135m", demo_dir(), 0.0, tmp_path / "out", format="adapter")
+    assert same_records(report.matrices, written.matrices)
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    new = get_peft_model_state_dict(model, adapter_name=report.adapter)
+    assert set(new) == set(saved)
+    assert max(float((new[k].float() - saved[k].float()).abs().max()) for k in saved) <= 1e-6
