@@ -12,8 +12,25 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
+from typing_extensions import TypedDict, Unpack
+
 from .detector import DetectOptions
 from .report import DetectionReport, LivePatchReport, PatchReport
+
+
+class DetectKwargs(TypedDict, total=False):
+    """The detection options as keyword arguments: the fields of ``DetectOptions``, with its defaults."""
+
+    top_k: int
+    epsilon: float
+    side: Literal["left", "right", "both"]
+    modules: str | None
+    allow_pickle: bool
+    cache: bool
+    threads: int
+    device: str
+    batch_bytes: int
+    method: Literal["auto", "certified", "exact"]
 
 
 def detect_options(options: dict, model=None) -> DetectOptions:
@@ -32,7 +49,7 @@ def detect_options(options: dict, model=None) -> DetectOptions:
     return opts
 
 
-def detect(base: str, tuned: str, **options) -> DetectionReport:
+def detect(base: str, tuned: str, **options: Unpack[DetectKwargs]) -> DetectionReport:
     """Intruder dimensions of ``tuned`` (a LoRA adapter or a full checkpoint) against ``base``: ``repair detect``."""
     from .detector import detect as run
 
@@ -41,7 +58,7 @@ def detect(base: str, tuned: str, **options) -> DetectionReport:
 
 def patch(base: str, tuned: str, scale: float, out: str | Path, *, format: Literal["merged", "adapter"] = "merged",
           max_shard_size: int = 5 * 10**9, plan: str | Path | None = None, allow_amplify: bool = False,
-          overwrite: bool = False, **options) -> PatchReport:
+          overwrite: bool = False, **options: Unpack[DetectKwargs]) -> PatchReport:
     """Rescale the intruders of ``tuned`` by ``scale`` and write the checkpoint to ``out``: ``repair patch``."""
     from .patcher import PatchOptions
     from .patcher import patch as run
@@ -52,7 +69,7 @@ def patch(base: str, tuned: str, scale: float, out: str | Path, *, format: Liter
     return run(str(base), str(tuned), opts)
 
 
-def detect_model(model, **options) -> DetectionReport:
+def detect_model(model, **options: Unpack[DetectKwargs]) -> DetectionReport:
     """Intruders of a live PeftModel's active LoRA adapter, read from its modules (device and dtype kept).
 
     The report equals ``detect`` on the base folder and the saved adapter; base spectra are cached
@@ -67,7 +84,7 @@ def detect_model(model, **options) -> DetectionReport:
 
 
 def patch_model(model, scale: float, *, merge: bool = False, adapter_name: str | None = None,
-                allow_amplify: bool = False, **options) -> tuple[object, LivePatchReport]:
+                allow_amplify: bool = False, **options: Unpack[DetectKwargs]) -> tuple[object, LivePatchReport]:
     """Rescale the intruders of a live PeftModel's active adapter by ``scale``; returns (model, report).
 
     By default adds an adapter (``adapter_name``, default ``<active>_repaired``) of rank r + |I| per

@@ -59,7 +59,8 @@ def run_demo(out: Path, retrain: bool = False, limit: int | None = 200) -> DemoR
     sweep = run_sweep(BASE, adapter_ref, SweepOptions(
         out=out / "sweep", scales=SCALES, task="addition", forgetting="base-samples", limit=limit, pick=PICK,
         write_picked=True))
-    figures = make_figures(BASE, adapter_ref, out / "figures", k_max=30)
+    history = adapter.parent / "intruders.json" if retrain else None  # the monitor's record of the retraining
+    figures = make_figures(BASE, adapter_ref, out / "figures", k_max=30, history=history)
     return DemoResult(detection, sweep, figures, adapter)
 
 

@@ -155,6 +155,7 @@ def test_api_defaults_are_the_cli_defaults():
     from repair.detector import DetectOptions
     from repair.writer import parse_size
 
+    assert set(api.DetectKwargs.__annotations__) == {f.name for f in dataclasses.fields(DetectOptions)}
     detect_cli = cli_defaults(cli.detect, "B", "T")
     for f in dataclasses.fields(DetectOptions):
         if f.name == "cache":
