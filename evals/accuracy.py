@@ -53,6 +53,20 @@ def _pick_metric(task: str, results: dict) -> TaskScore:
     raise RepairError(f"--task {task}: lm-eval reported none of the metrics {', '.join(METRIC_PREFERENCE)}.")
 
 
+_LOADABLE: set[tuple[str, str]] = set()  # tasks lm-eval has loaded once in this process
+
+
+def load_tasks(tm, name: str, what: str) -> dict:
+    """lm-eval's task dict for ``name``; input problems (unknown name, bad YAML, data missing offline) are one
+    sentence naming ``what``. Errors while evaluating (out of memory, bugs) are not caught anywhere here."""
+    import yaml
+
+    try:
+        return tm.load_task_or_group([name])
+    except (KeyError, ValueError, TypeError, OSError, ImportError, yaml.YAMLError) as e:
+        raise RepairError(f"{what}: lm-eval could not load it ({type(e).__name__}: {e}).") from e
+
+
 def make_lm(model, tok, batch_size: int = 8):
     """An lm-eval ``HFLM`` around an in-memory model; weights edited in place are seen by later calls."""
     from lm_eval.models.huggingface import HFLM
@@ -65,10 +79,10 @@ def evaluate(lm, spec: str, limit: int | None = None) -> TaskScore:
     from lm_eval import simple_evaluate
 
     tm, name = task_manager_for(spec)
-    try:
-        out = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False)
-    except Exception as e:  # noqa: BLE001 - unknown task, offline dataset, bad YAML...
-        raise RepairError(f"--task {spec}: lm-eval could not run it ({type(e).__name__}: {e}).") from e
+    if (spec, name) not in _LOADABLE:  # checked once per process; evaluations then run without a catch-all
+        load_tasks(tm, name, f"--task {spec}")
+        _LOADABLE.add((spec, name))
+    out = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False)
     if out is None or name not in out["results"]:
         raise RepairError(f"--task {spec}: lm-eval returned no results for {name!r}.")
     return _pick_metric(name, out["results"][name])

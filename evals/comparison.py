@@ -11,13 +11,14 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from repair import __version__
+from repair.durable import write_text_atomic
 from repair.errors import RepairError
-from repair.report import SCHEMA_VERSION, write_text_atomic
+from repair.report import SCHEMA_VERSION
 
 from .accuracy import evaluate, make_lm, task_manager_for
 from .corpus import load_corpus
 from .forgetting import forgetting
-from .models import Placement, load_model
+from .models import Placement, check_batch_size, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
     """
     if not models or not tasks:
         raise RepairError("repair compare: expected at least one MODEL and one task in --tasks.")
+    check_batch_size(batch_size)
     names = [task_manager_for(t)[1] for t in tasks]
     rows, docs = [], None
     for ref in models:

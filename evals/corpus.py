@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from repair.durable import write_text_atomic
 from repair.errors import RepairError
-from repair.report import write_text_atomic
 from repair.sources import cache_dir
 
-from .accuracy import task_manager_for
+from .accuracy import load_tasks, task_manager_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,7 @@ def read_documents(path: Path) -> list[str]:
 def task_documents(name: str, limit: int | None = None) -> list[str]:
     """Documents of an lm-eval ``loglikelihood_rolling`` task (e.g. wikitext), by name or YAML path."""
     tm, task_name = task_manager_for(name)
-    try:
-        tasks = tm.load_task_or_group([task_name])
-    except Exception as e:  # noqa: BLE001 - lm-eval raises many kinds for unknown or offline tasks
-        raise RepairError(f"--forgetting {name}: not a file, and lm-eval could not load it as a task ({e}).") from e
+    tasks = load_tasks(tm, task_name, f"--forgetting {name} (not a file)")
     task = tasks[task_name]
     if task.OUTPUT_TYPE != "loglikelihood_rolling":
         raise RepairError(f"--forgetting {name}: lm-eval task has output_type {task.OUTPUT_TYPE!r}, "

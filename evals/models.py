@@ -99,3 +99,9 @@ def _load_full(src: ModelSource, placement: Placement):
         raise RepairError(f"{src.ref}: transformers could not load it without running remote code "
                           f"({str(e).splitlines()[0]}).") from e
     return model.eval()
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Documents per forward pass (and lm-eval's batch size) must be a positive integer."""
+    if batch_size < 1:
+        raise RepairError(f"--batch-size: expected a positive integer, got {batch_size}.")

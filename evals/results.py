@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from repair.report import SCHEMA_VERSION, write_text_atomic
+from repair.durable import write_text_atomic
+from repair.report import SCHEMA_VERSION
 
 
 class SweepPoint(BaseModel):

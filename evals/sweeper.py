@@ -14,17 +14,17 @@ from tqdm.auto import tqdm
 
 from repair import __version__
 from repair.detector import DetectOptions
+from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.inplace import InPlacePatcher
 from repair.plan import check_scale
-from repair.report import write_text_atomic
 from repair.sources import ModelSource
 
 from .accuracy import evaluate, make_lm
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
-from .models import Placement, load_model
+from .models import Placement, check_batch_size, load_model
 from .results import Pick, SweepPoint, SweepReport, markdown_table, plot_tradeoff, write_csv
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class SweepOptions:
             raise RepairError("--write-picked: needs --pick.")
         if self.limit is not None and self.limit < 1:
             raise RepairError(f"--limit: expected a positive integer, got {self.limit}.")
+        check_batch_size(self.batch_size)
 
 
 def pick_bound(rule: str) -> float:
@@ -110,11 +111,16 @@ class _PointCache:
         path = self.dir / f"{label}.json"
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        if data.get("fingerprint") != self.fingerprint:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("fingerprint") != self.fingerprint:
+                return None
+            point = SweepPoint.model_validate(data["point"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # pydantic's error is a ValueError
+            logger.warning("%s: unreadable finished point (%s); measuring %s again", path, e, label)
             return None
         logger.info("resuming: %s from %s", label, path)
-        return SweepPoint.model_validate(data["point"])
+        return point
 
     def put(self, point: SweepPoint) -> SweepPoint:
         payload = {"fingerprint": self.fingerprint, "point": point.model_dump()}

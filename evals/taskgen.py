@@ -11,8 +11,8 @@ import random
 from importlib import resources
 from pathlib import Path
 
+from repair.durable import write_text_atomic
 from repair.errors import RepairError
-from repair.report import write_text_atomic
 from repair.sources import cache_dir
 
 PROMPT = "In Zorblax arithmetic, {a} zap {b} is"

@@ -42,7 +42,7 @@ def load_lora_config(path: Path):
     cfg_file = path / ADAPTER_CONFIG
     try:
         config = PeftConfig.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - peft raises ValueError, TypeError, JSONDecodeError...
+    except (ValueError, TypeError, KeyError, OSError) as e:  # peft's errors for a bad config (JSON errors: ValueError)
         raise CheckpointError(f"{cfg_file}: not a valid PEFT adapter config ({e}).") from e
     return check_lora_config(config, str(cfg_file))
 
@@ -112,7 +112,7 @@ def cached_settings(folder: Path | None, key: str) -> AdapterSettings | None:
 def store_settings(folder: Path | None, key: str, settings: AdapterSettings) -> None:
     if folder is None:
         return
-    from .report import write_text_atomic
+    from .durable import write_text_atomic
 
     try:
         write_text_atomic(folder / f"{key}.json", settings.model_dump_json() + "\n")

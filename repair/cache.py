@@ -52,7 +52,7 @@ def _size(path: Path) -> tuple[int, int]:
         return 1, path.stat().st_size
     if not path.is_dir():
         return 0, 0
-    entries = [p for p in path.iterdir() if not p.name.startswith(".tmp-")]
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]  # temporaries are hidden, not entries
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return len(entries), size
 

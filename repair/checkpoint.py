@@ -10,7 +10,10 @@ import hashlib
 import json
 import logging
 import math
+import os
+import pickle
 import threading
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +68,7 @@ def _hash_memo() -> dict:
 
 
 def _store_hash(key: str, stamp: str, digest: str) -> None:
-    from .report import write_text_atomic
+    from .durable import write_text_atomic
 
     memo = _hash_memo()
     memo[key] = {"stamp": stamp, "sha256": digest}
@@ -75,21 +78,53 @@ def _store_hash(key: str, stamp: str, digest: str) -> None:
         logger.debug("could not remember the hash of %s (%s)", key, e)
 
 
+def allowed_roots(folder: Path) -> list[Path]:
+    """Where a checkpoint folder's files may live: the folder itself and, for a snapshot in the Hugging
+    Face cache (``models--org--name/snapshots/<rev>``), that repository's blob store, which its symlinks name."""
+    real = folder.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots" and (blobs := real.parent.parent / "blobs").is_dir():
+        roots.append(blobs.resolve())
+    return roots
+
+
+def confined(folder: Path, entry: str | Path, what: str) -> Path:
+    """``folder / entry``, if both the name and its target (symlinks followed) stay inside ``allowed_roots``.
+
+    A checkpoint from a stranger must not make the tool read (and a patch then copy into a release)
+    files from elsewhere on the machine; anything else is refused, naming the entry.
+    """
+    if not isinstance(entry, str | Path):
+        raise CheckpointError(f"{what}: expected file names, got {entry!r}.")
+    path = folder / entry
+    inside = Path(os.path.normpath(folder.absolute() / entry))
+    if Path(entry).is_absolute() or not inside.is_relative_to(Path(os.path.normpath(folder.absolute()))):
+        raise CheckpointError(f"{what}: {str(entry)!r} points outside the checkpoint folder {folder}; refused.")
+    target = path.resolve()
+    if not any(target.is_relative_to(root) for root in allowed_roots(folder)):
+        raise CheckpointError(f"{what}: {str(entry)!r} is a link to {target}, outside the checkpoint folder "
+                              f"{folder}; refused.")
+    return path
+
+
 def _weight_map_from_index(index: Path) -> dict[str, Path]:
     try:
         data = json.loads(index.read_text())
         weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        items = weight_map.items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index (expected JSON with a 'weight_map').") from e
-    return {name: index.parent / fname for name, fname in weight_map.items()}
+    return {name: confined(index.parent, fname, str(index)) for name, fname in items}
 
 
 def _safetensors_files(folder: Path, prefix: str) -> list[Path]:
-    return sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p.is_file())
+    found = sorted(p for p in folder.glob(f"{prefix}*.safetensors") if p.is_file())
+    return [confined(folder, p.name, str(folder)) for p in found]
 
 
 def _pickle_files(folder: Path, prefix: str, allow_pickle: bool) -> list[Path]:
     pickles = sorted(p for p in folder.glob(f"*{prefix}*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    pickles = [confined(folder, p.name, str(folder)) for p in pickles]
     if not pickles:
         raise CheckpointError(f"{folder}: no *.safetensors checkpoint found.")
     if not allow_pickle:
@@ -104,7 +139,9 @@ def _pickle_files(folder: Path, prefix: str, allow_pickle: bool) -> list[Path]:
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:  # weights_only refuses arbitrary objects; mmap keeps memory bounded
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+    except torch.OutOfMemoryError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e}).") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict of tensors.")
@@ -134,7 +171,7 @@ class CheckpointReader:
         else:
             indexes = sorted(self.path.glob(f"{prefix}*.safetensors.index.json"))
             if indexes:
-                return _weight_map_from_index(indexes[0])
+                return _weight_map_from_index(confined(self.path, indexes[0].name, str(self.path)))
             files = _safetensors_files(self.path, prefix) or _pickle_files(self.path, prefix, allow_pickle)
         mapping: dict[str, Path] = {}
         for f in files:

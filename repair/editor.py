@@ -31,7 +31,8 @@ class MatrixPatch:
 
     @property
     def sigma_new(self) -> torch.Tensor:
-        return self.scale * self.sigma_old
+        """The rescaled singular values: |λ| σ (a negative λ flips the direction's sign, not its σ)."""
+        return abs(self.scale) * self.sigma_old
 
     @property
     def is_noop(self) -> bool:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from .durable import atomic_output_dir, write_text_atomic
 from .errors import RepairError
 from .recipe import Recipe
-from .report import write_text_atomic
 from .sources import resolve
-from .writer import atomic_output_dir, check_output_dir
+from .writer import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def finetune(recipe: Recipe, out: Path, overwrite: bool = False) -> Path:
     if recipe.method == "lora":
         model = _lora_model(model, recipe)
     rows = [_encode(tok, r, recipe.train.max_length) for r in training_rows(recipe)]
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         t = recipe.train
         args = TrainingArguments(
             output_dir=str(tmp / "trainer"), max_steps=t.steps, per_device_train_batch_size=t.batch_size,

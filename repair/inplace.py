@@ -87,12 +87,12 @@ class InPlacePatcher:
 
     def intruders_at(self, scale: float) -> int:
         """Intruders among the top k of W' at this λ: W' keeps W_tuned's singular vectors, with the
-        intruders' σ multiplied by λ, so no new SVD is needed (the ≤ k intruders only shrink, so the
+        intruders' σ multiplied by |λ|, so no new SVD is needed (the ≤ k intruders only shrink, so the
         top k of W' lie among the 2k triplets kept)."""
         total = 0
         for e in self.entries:
             s = e.spectrum.clone()
-            s[e.patch.intruders] *= scale
+            s[e.patch.intruders] *= abs(scale)  # W' has singular values |λ| σ (λ < 0 flips u, with --allow-amplify)
             top = torch.argsort(s, descending=True, stable=True)[: self.opts.top_k]
             total += int(e.intruder_mask[top][s[top] > 0].sum())
         return total

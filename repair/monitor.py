@@ -16,8 +16,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from .durable import write_text_atomic
 from .errors import RepairError
-from .report import SCHEMA_VERSION, DetectionReport, write_text_atomic
+from .report import SCHEMA_VERSION, DetectionReport
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from .adapter_settings import ADAPTER_CONFIG, patched_config
 from .archs import module_type
 from .checkpoint import file_sha256
 from .detector import DetectOptions, analyse_pairs, prefetch
+from .durable import atomic_output_dir
 from .editor import (
     MatrixPatch,
     apply_patch,
@@ -34,7 +35,7 @@ from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_scale
 from .report import InputFile, MatrixEdit, PatchReport, Provenance
 from .solver import solve_pairs
-from .writer import TensorWriter, atomic_output_dir, check_output_dir
+from .writer import TensorWriter, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
         join()
         provenance = hashed[0]
         meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}
-        with atomic_output_dir(opts.out) as tmp:
+        with atomic_output_dir(opts.out, opts.overwrite) as tmp:
             files = _write(src, opts, plan, tmp, meta, edits)
             patched = [e for e in edits if e.scale != 1.0]
             report = PatchReport(

@@ -9,8 +9,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from .durable import write_text_atomic
 from .errors import RepairError
-from .report import SCHEMA_VERSION, DetectionReport, write_text_atomic
+from .report import SCHEMA_VERSION, DetectionReport
 
 
 class PlanEntry(BaseModel):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from .durable import write_text_atomic
 
 SCHEMA_VERSION = "1.2"
 Side = Literal["left", "right", "both"]
@@ -91,18 +91,6 @@ class DetectionReport(BaseModel):
     def worst(self, n: int) -> list[MatrixReport]:
         """Matrices with the most intruders, then the lowest similarity among their top k."""
         return sorted(self.matrices, key=lambda m: (-len(m.intruders), min(m.max_cos, default=1.0)))[:n]
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def render_table(report: DetectionReport, worst: int = 10) -> str:

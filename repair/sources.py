@@ -59,7 +59,7 @@ def _download_from_hub(repo_id: str) -> Path:
 
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # noqa: BLE001 - offline, missing repo, auth...: all mean "not available"
+    except (OSError, ValueError) as e:  # offline, missing repo, auth (hub errors are OSErrors), bad id (ValueError)
         raise SourceError(
             f"{repo_id}: not a local folder, and it could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'})."

@@ -1,8 +1,8 @@
 """Checkpoint writing: sharded safetensors by byte budget, index json, atomic output folders.
 
 Like mergekit's ``TensorWriter``: tensors are buffered until the shard budget is reached, each
-shard is flushed as it fills, and the index is written at the end. Output goes to a temporary
-sibling folder that is renamed into place only once it is complete.
+shard is flushed as it fills, and the index is written at the end. Callers write into the temporary
+folder of ``durable.atomic_output_dir``, which is renamed into place only once it is complete.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,7 +23,6 @@ logger = logging.getLogger(__name__)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-TMP_MARKER = ".intruder-repair-tmp-"
 
 
 def parse_size(text: str | int) -> int:
@@ -104,36 +99,6 @@ def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise RepairError(f"--out {out}: exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RepairError(f"--out {out}: folder exists and is not empty; pass --overwrite to replace it.")
-
-
-@contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out``, on failure it is removed."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_MARKER}", dir=out.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}{TMP_MARKER}old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _default_permissions(folder: Path) -> None:
-    """mkdtemp/mkstemp create private (0700/0600) entries; give the output the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def sort_metadata_keys(path: Path) -> None:

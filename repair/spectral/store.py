@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..durable import TMP_MARKER, fsync_dir, fsync_file, umask_mode
 from .spectra import SPECTRA_VERSION, BaseSpectrum, compute_spectrum, tensor_key
 from .truncated import TruncatedSpectrum, compute_truncated
 
@@ -56,12 +57,12 @@ class SpectraCache:
     def _read(self, entry: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         if self.folder is None or not self.path(entry).is_file():
             return None
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(self.path(entry)), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file is recomputed, not fatal
+        except (SafetensorError, OSError, ValueError, KeyError) as e:  # truncated or foreign: recomputed
             logger.warning("%s: unreadable cache entry (%s); recomputing it", self.path(entry), e)
             return None
 
@@ -74,10 +75,13 @@ class SpectraCache:
         tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=SUFFIX)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{entry}{TMP_MARKER}", suffix=SUFFIX)
             os.close(fd)
             save_file(tensors, tmp, metadata={**meta, "version": SPECTRA_VERSION})
+            fsync_file(Path(tmp))
+            os.chmod(tmp, umask_mode())
             os.replace(tmp, self.path(entry))
+            fsync_dir(self.folder)
         except OSError as e:
             logger.warning("%s: could not store a base spectrum (%s); continuing without caching", self.folder, e)
             if tmp is not None:
