@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -26,8 +27,6 @@ class TaskScore:
 
 def task_manager_for(spec: str):
     """``(TaskManager, task name)``: a local YAML path registers its folder; anything else is a task name."""
-    from lm_eval.tasks import TaskManager
-
     from .taskgen import materialize_task, shipped_task_names
 
     if spec in shipped_task_names():  # the project's own offline tasks, by name
@@ -39,8 +38,16 @@ def task_manager_for(spec: str):
         m = _TASK_KEY.search(path.read_text())
         if m is None:
             raise RepairError(f"--task {spec}: the YAML has no 'task:' name.")
-        return TaskManager(include_path=str(path.resolve().parent)), m[1]
-    return TaskManager(), spec
+        return task_manager(str(path.resolve().parent)), m[1]
+    return task_manager(None), spec
+
+
+@functools.lru_cache(maxsize=16)
+def task_manager(include_path: str | None):
+    """One lm-eval ``TaskManager`` per task folder and process: building one indexes every lm-eval task (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path) if include_path else TaskManager()
 
 
 def _pick_metric(task: str, results: dict) -> TaskScore:

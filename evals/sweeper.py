@@ -123,8 +123,13 @@ class _PointCache:
         return point
 
     def put(self, point: SweepPoint) -> SweepPoint:
+        """Remember a finished point; a failed write only costs measuring it again on a resumed run."""
         payload = {"fingerprint": self.fingerprint, "point": point.model_dump()}
-        write_text_atomic(self.dir / f"{point.label}.json", json.dumps(payload, indent=2) + "\n")
+        try:
+            write_text_atomic(self.dir / f"{point.label}.json", json.dumps(payload, indent=2) + "\n")
+        except OSError as e:
+            logger.warning("%s: could not store the finished point %s (%s); a resumed run measures it again",
+                           self.dir, point.label, e.strerror or e)
         return point
 
 
@@ -200,6 +205,14 @@ def _write_picked(base: str, tuned: str, opts: SweepOptions, scale: float) -> Pa
 
 
 def _write_outputs(report: SweepReport, out: Path) -> None:
+    try:
+        _write_files(report, out)
+    except OSError as e:
+        raise RepairError(f"--out {out}: writing the sweep's results failed ({e.strerror or e}); the finished "
+                          "points are kept, so a rerun resumes.") from e
+
+
+def _write_files(report: SweepReport, out: Path) -> None:
     write_text_atomic(out / "sweep.json", report.model_dump_json(indent=2) + "\n")
     write_csv(report, out / "sweep.csv")
     write_text_atomic(out / "sweep.md", markdown_table(report) + "\n")

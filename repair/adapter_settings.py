@@ -56,7 +56,32 @@ def check_lora_config(config, where: str):
         raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
     if getattr(config, "layer_replication", None):
         raise CheckpointError(f"{where}: layer_replication is not supported.")
+    _check_fields(config, where)
     return config
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_fields(config, where: str) -> None:
+    """The fields the rank and scaling come from must have the types peft assumes (it does not check them)."""
+    if not (isinstance(config.r, int) and not isinstance(config.r, bool) and config.r > 0):
+        raise CheckpointError(f"{where}: r must be a positive integer, got {config.r!r}.")
+    if not _is_number(config.lora_alpha):
+        raise CheckpointError(f"{where}: lora_alpha must be a finite number, got {config.lora_alpha!r}.")
+    for field, ok in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+                      ("alpha_pattern", _is_number)):
+        if getattr(config, field, None) is None:  # JSON null: peft's own default is an empty mapping
+            setattr(config, field, {})
+        pattern = getattr(config, field)
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and ok(v) for k, v in pattern.items()):
+            raise CheckpointError(f"{where}: {field} must map module names to "
+                                  f"{'positive integers' if field == 'rank_pattern' else 'numbers'}, got {pattern!r}.")
+    targets = config.target_modules
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list | set | tuple) and all(isinstance(t, str) for t in targets))):
+        raise CheckpointError(f"{where}: target_modules must be a string or a list of strings, got {targets!r}.")
 
 
 def rank_and_scaling(config, module: str) -> tuple[int, float]:

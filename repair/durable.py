@@ -95,21 +95,46 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the complete ``tmp`` to ``out``; replace an existing ``out`` only with ``overwrite``."""
+    """Rename the complete ``tmp`` to ``out``; replace an existing ``out`` only with ``overwrite``.
+
+    If the folder cannot be synced after the rename, the rename is undone (the old output, if any, is
+    back at ``out``) and the error raised: a failure never leaves an output that may not survive a crash.
+    """
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         if not overwrite:
             raise RepairError(f"--out {out}: something was written there during the run; nothing was replaced "
                               "(pass --overwrite to replace it).")
-        if not _exchange(tmp, out):  # no atomic swap here: the old output moves aside for a moment
-            aside = out.with_name(f".{out.name}{TMP_MARKER}old-{os.getpid()}")
-            os.replace(out, aside)
-            os.replace(tmp, aside.with_name(out.name))
-            tmp = aside
-        fsync_dir(out.parent)
+        _swap(tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)  # the old output, swapped out
         return
     os.rename(tmp, out)  # onto nothing, or onto an empty folder (fails if one was filled meanwhile)
-    fsync_dir(out.parent)
+    try:
+        fsync_dir(out.parent)
+    except OSError:
+        os.rename(out, tmp)
+        raise
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Exchange ``tmp`` (new) and ``out`` (old) and sync: afterwards ``tmp`` holds the old output."""
+    if _exchange(tmp, out):
+        try:
+            fsync_dir(out.parent)
+        except OSError:
+            _exchange(tmp, out)  # the old output back in place; the caller removes the new one
+            raise
+        return
+    aside = out.with_name(f".{out.name}{TMP_MARKER}old-{os.getpid()}")  # no atomic swap here: a moment apart
+    os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError:
+        if out.exists():
+            os.replace(out, tmp)
+        os.replace(aside, out)
+        raise
+    os.replace(aside, tmp)
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,20 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
     assert all((out / "points" / n).stat().st_mtime_ns == t for n, t in before.items())
     assert again["pick"]["scale"] == min(report["points"], key=lambda p: p["forgetting_nll"])["scale"]
 
+    # a truncated point file (a crash of another tool, a full disk): measured again, with a warning
+    text = (out / "points" / "scale=0.json").read_text()
+    (out / "points" / "scale=0.json").write_text(text[: len(text) // 2])
+    res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, out, "--pick", "max-acc-drop=1.0")
+    assert res.exit_code == 0, res.output
+    third = json.loads((out / "sweep.json").read_text())
+    assert [{k: v for k, v in p.items() if k not in strip} for p in third["points"]] == \
+           [{k: v for k, v in p.items() if k not in strip} for p in report["points"]]
+    assert json.loads((out / "points" / "scale=0.json").read_text())["point"]["scale"] == 0.0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("sweep.json", "sweep.csv", "sweep.md", "tradeoff.png", "points/scale=0.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+
 
 def test_pick_rule():
     from evals.results import SweepPoint
@@ -155,6 +170,7 @@ def test_pick_rule():
 @pytest.mark.parametrize("extra, message", [
     (["--scales", "0,x"], "--scales"), (["--scales", "2"], "--allow-amplify"),
     (["--pick", "best"], "max-acc-drop"), (["--write-picked"], "needs --pick"),
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
 ])
 def test_sweep_bad_arguments(llama_base, llama_adapter, mc_task, corpus_file, tmp_path, extra, message):
     res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, tmp_path / "o", *extra)
