@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import re
@@ -63,11 +64,25 @@ def _pick_metric(task: str, results: dict) -> TaskScore:
 _LOADABLE: set[tuple[str, str]] = set()  # tasks lm-eval has loaded once in this process
 
 
+def check_task(spec: str, what: str = "--task"):
+    """``(TaskManager, name)`` of a task lm-eval can load, checked once per process (before anything runs);
+    evaluations then run without a catch-all."""
+    tm, name = task_manager_for(spec)
+    if (spec, name) not in _LOADABLE:
+        load_tasks(tm, name, f"{what} {spec}")
+        _LOADABLE.add((spec, name))
+    return tm, name
+
+
 def load_tasks(tm, name: str, what: str) -> dict:
     """lm-eval's task dict for ``name``; input problems (unknown name, bad YAML, data missing offline) are one
     sentence naming ``what``. Errors while evaluating (out of memory, bugs) are not caught anywhere here."""
     import yaml
 
+    if name not in tm.all_tasks:
+        close = difflib.get_close_matches(name, tm.all_tasks, n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(close)}" if close else "no registered task has a similar name"
+        raise RepairError(f"{what}: lm-eval has no task {name!r} ({hint}; or give the path of a task YAML).")
     try:
         return tm.load_task_or_group([name])
     except (KeyError, ValueError, TypeError, OSError, ImportError, yaml.YAMLError) as e:
@@ -85,10 +100,7 @@ def evaluate(lm, spec: str, limit: int | None = None) -> TaskScore:
     """Run one lm-eval task (registered name or local YAML) through ``simple_evaluate``."""
     from lm_eval import simple_evaluate
 
-    tm, name = task_manager_for(spec)
-    if (spec, name) not in _LOADABLE:  # checked once per process; evaluations then run without a catch-all
-        load_tasks(tm, name, f"--task {spec}")
-        _LOADABLE.add((spec, name))
+    tm, name = check_task(spec)
     out = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False)
     if out is None or name not in out["results"]:
         raise RepairError(f"--task {spec}: lm-eval returned no results for {name!r}.")

@@ -15,10 +15,10 @@ from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.report import SCHEMA_VERSION
 
-from .accuracy import evaluate, make_lm, task_manager_for
-from .corpus import load_corpus
+from .accuracy import check_task, evaluate, make_lm
+from .corpus import is_base_samples, load_corpus
 from .forgetting import forgetting
-from .models import Placement, check_batch_size, load_model
+from .models import Placement, check_batch_size, load_model, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +60,36 @@ def _cell(s: Score) -> str:
     return f"{s.metric} {s.value:.4f}{err}"
 
 
+def _corpus(spec: str, base: str | None, placement: Placement | None) -> list[str]:
+    """The forgetting corpus: base samples are drawn from ``base`` (cached under the same key as a sweep's)."""
+    if not is_base_samples(spec):
+        return load_corpus(spec)
+    model, tok, src = load_model(base, None, placement)
+    docs = load_corpus(spec, model, tok, json.dumps(source_fingerprint(src)))
+    del model
+    gc.collect()
+    return docs
+
+
 def run_compare(models: list[str], tasks: list[str], limit: int | None = None, base: str | None = None,
                 forgetting_spec: str | None = None, out: Path | None = None, batch_size: int = 8,
                 placement: Placement | None = None) -> CompareReport:
     """Evaluate each model on each task (and optionally forgetting), one model in memory at a time.
 
-    With ``--forgetting base-samples``, the corpus is sampled from the first model listed.
+    With ``--forgetting base-samples``, the corpus is sampled from ``base`` (required), as ``repair sweep``
+    samples it, so both commands score forgetting on the same documents.
     """
     if not models or not tasks:
         raise RepairError("repair compare: expected at least one MODEL and one task in --tasks.")
     check_batch_size(batch_size)
-    names = [task_manager_for(t)[1] for t in tasks]
-    rows, docs = [], None
+    if forgetting_spec and is_base_samples(forgetting_spec) and base is None:
+        raise RepairError(f"--forgetting {forgetting_spec}: needs --base, the model whose own samples measure "
+                          "forgetting.")
+    names = [check_task(t, "--tasks")[1] for t in tasks]
+    docs = _corpus(forgetting_spec, base, placement) if forgetting_spec else None
+    rows = []
     for ref in models:
         model, tok, _ = load_model(ref, base, placement)
-        if forgetting_spec and docs is None:
-            docs = load_corpus(forgetting_spec, model, tok, model_key=f"compare:{ref}")
         lm = make_lm(model, tok, batch_size)
         scores = {s.task: Score(metric=s.metric, value=s.value, stderr=s.stderr)
                   for s in (evaluate(lm, t, limit) for t in tasks)}

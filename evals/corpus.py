@@ -82,10 +82,14 @@ def base_samples(model, tok, model_key: str, n: int = DEFAULT_SAMPLES, tokens: i
     return docs
 
 
+def is_base_samples(spec: str) -> bool:
+    return spec == BASE_SAMPLES or spec.startswith(BASE_SAMPLES + ":")
+
+
 def load_corpus(spec: str, model=None, tok=None, model_key: str = "", limit: int | None = None) -> list[str]:
     """Resolve ``--forgetting``: ``base-samples[:N]``, a .txt/.jsonl file, or an lm-eval rolling task
     (a registered name or a local task YAML)."""
-    if spec == BASE_SAMPLES or spec.startswith(BASE_SAMPLES + ":"):
+    if is_base_samples(spec):
         docs = base_samples(model, tok, model_key, _parse_samples(spec))
     elif Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml"):
         docs = read_documents(Path(spec))

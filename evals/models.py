@@ -105,3 +105,9 @@ def check_batch_size(batch_size: int) -> None:
     """Documents per forward pass (and lm-eval's batch size) must be a positive integer."""
     if batch_size < 1:
         raise RepairError(f"--batch-size: expected a positive integer, got {batch_size}.")
+
+
+def source_fingerprint(src: ModelSource) -> list:
+    """Identity of a checkpoint for caches: its path and each file's size and modification time."""
+    files = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() else [src.path]
+    return [str(src.path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]

@@ -18,13 +18,12 @@ from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.inplace import InPlacePatcher
 from repair.plan import check_scale
-from repair.sources import ModelSource
 
-from .accuracy import evaluate, make_lm
+from .accuracy import check_task, evaluate, make_lm
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
-from .models import Placement, check_batch_size, load_model
+from .models import Placement, check_batch_size, load_model, source_fingerprint
 from .results import Pick, SweepPoint, SweepReport, markdown_table, plot_tradeoff, write_csv
 
 logger = logging.getLogger(__name__)
@@ -74,12 +73,6 @@ def pick_bound(rule: str) -> float:
     if m is None:
         raise RepairError(f"--pick: expected max-acc-drop=X (e.g. max-acc-drop=0.01), got {rule!r}.")
     return float(m[1])
-
-
-def _fingerprint(src: ModelSource) -> list:
-    """Identity of a checkpoint for caches: its path and each file's size and modification time."""
-    files = sorted(p for p in src.path.rglob("*") if p.is_file()) if src.path.is_dir() else [src.path]
-    return [str(src.path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
 
 
 class _Evaluator:
@@ -161,11 +154,13 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
 def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
     opts.validate()
+    if opts.task is not None:
+        check_task(opts.task)  # an unknown task is a sentence before any model is loaded
     src = opts.detect.pairs(base, tuned)
     model, tok, base_src = load_model(base, placement=opts.placement)
-    docs = load_corpus(opts.forgetting, model, tok, json.dumps(_fingerprint(base_src)))
+    docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)))
     args = _arguments(base, tuned, opts)
-    key = [__version__, args, _fingerprint(base_src), _fingerprint(src.tuned_source), docs]
+    key = [__version__, args, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts)
     base_point = cache.get("base") or cache.put(ev.measure("base", None, 0))

@@ -216,3 +216,31 @@ def test_python_api_sweep_and_compare_equal_the_commands(llama_base, llama_adapt
             (theirs["scale"], theirs["accuracy"], theirs["forgetting_nll"], theirs["intruders"])
     table = evals.compare([llama_base, llama_adapter], [str(mc_task)], base=str(llama_base))
     assert table.rows[1].scores["tiny_add"].value == api.tuned.accuracy
+
+
+def test_unknown_task_names_close_matches_before_loading_anything(llama_base, llama_adapter, corpus_file, tmp_path):
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, ["sweep", str(llama_base), str(llama_adapter), "--task", "arc_easyy",
+                                    "--forgetting", str(corpus_file), "--out", str(out)])
+    assert res.exit_code == 2 and "lm-eval has no task 'arc_easyy'" in res.output and "arc_easy" in res.output
+    assert res.output.strip().count("\n") == 0 and not out.exists()
+    res = CliRunner().invoke(main, ["compare", str(llama_base), "--tasks", "zzzz_no_such", "--out", str(out)])
+    assert res.exit_code == 2 and "no registered task has a similar name" in res.output and not out.exists()
+
+
+def test_compare_draws_base_samples_from_base_or_refuses(llama_base, llama_adapter, mc_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    args = ["compare", str(llama_adapter), "--tasks", str(mc_task), "--limit", "4", "--forgetting", "base-samples:3"]
+    res = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert res.exit_code == 2 and "needs --base" in res.output and not out.exists()
+    res = CliRunner().invoke(main, [*args, "--base", str(llama_base), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    corpora = list((tmp_path / "cache" / "corpora").iterdir())
+    assert len(corpora) == 1  # sampled once, from the base
+    res = _sweep(llama_base, llama_adapter, mc_task, "base-samples:3", tmp_path / "sw", "--limit", "4")
+    assert res.exit_code == 0, res.output
+    assert list((tmp_path / "cache" / "corpora").iterdir()) == corpora  # the sweep reuses the same documents
+    sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["rows"][0]["forgetting_nll"] == pytest.approx(sweep["tuned"]["forgetting_nll"], rel=1e-4)
