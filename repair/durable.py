@@ -52,6 +52,15 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def publish_file(tmp: Path, path: Path) -> None:
+    """Make a complete temporary file durable, give it the umask's mode (not mkstemp's 0600) and rename it
+    to ``path`` in the same folder."""
+    fsync_file(tmp)
+    os.chmod(tmp, umask_mode())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` durably and atomically, with the umask's usual mode (not mkstemp's 0600)."""
     path = Path(path)
@@ -60,11 +69,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish_file(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -9,7 +9,7 @@ spectra are cached by content hash, as for files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +90,6 @@ class _LiveBase:
     def __init__(self, weights: dict[str, torch.Tensor]):
         self.weights = weights
 
-    def names(self) -> list[str]:
-        return list(self.weights)
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.weights[name].shape)
 
@@ -102,8 +99,6 @@ class _LiveBase:
 
 class LivePairSource:
     """Yields ``MatrixPair`` for the active LoRA adapter of a live PeftModel (see ``pairs.PairSource``)."""
-
-    adapter = None  # no adapter folder: the detector reads nothing from files
 
     def __init__(self, model, modules: str | None = None, spectra: SpectraCache | None = None):
         self.model = model
@@ -130,10 +125,6 @@ class LivePairSource:
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def __iter__(self) -> Iterator[MatrixPair]:
-        for name in self.names:
-            yield self.pair(name)
 
     def raw_rank(self, name: str) -> int:
         m = self.matrices[name]

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -66,6 +67,8 @@ class IntruderMonitor(TrainerCallback):
         if self.trainer is None:
             logger.info("IntruderMonitor is not attached to a Trainer: counts go to state.log_history and the log")
         self._src = LivePairSource(model, self.options.modules, self.options.spectra())
+        if self.options.device == "auto":  # where the model is, as detect_model does
+            self.options = replace(self.options, device=str(next(model.parameters()).device))
         self.measure(state, control)  # step 0 (or the resumed step); also computes the base spectra once
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -82,12 +85,7 @@ class IntruderMonitor(TrainerCallback):
         from .detector import detect_source
 
         start = time.perf_counter()
-        opts = self.options
-        if opts.device == "auto":  # where the model is, as detect_model does
-            from dataclasses import replace
-
-            opts = replace(opts, device=str(next(self._src.model.parameters()).device))
-        report = detect_source(self._src, opts, base="<model>", tuned=f"<adapter {self._src.adapter_name}>")
+        report = detect_source(self._src, self.options, base="<model>", tuned=f"<adapter {self._src.adapter_name}>")
         metrics = metrics_of(report)
         self.history.append({"step": state.global_step, **metrics, "seconds": round(time.perf_counter() - start, 4),
                              "matrices": {m.name: {"intruders": m.intruders, "sigma": [m.sigma[i] for i in m.intruders]}

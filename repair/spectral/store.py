@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..durable import TMP_MARKER, fsync_dir, fsync_file, umask_mode
+from ..durable import TMP_MARKER, publish_file
 from .spectra import SPECTRA_VERSION, BaseSpectrum, compute_spectrum, tensor_key
 from .truncated import TruncatedSpectrum, compute_truncated
 
@@ -78,10 +78,7 @@ class SpectraCache:
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{entry}{TMP_MARKER}", suffix=SUFFIX)
             os.close(fd)
             save_file(tensors, tmp, metadata={**meta, "version": SPECTRA_VERSION})
-            fsync_file(Path(tmp))
-            os.chmod(tmp, umask_mode())
-            os.replace(tmp, self.path(entry))
-            fsync_dir(self.folder)
+            publish_file(Path(tmp), self.path(entry))
         except OSError as e:
             logger.warning("%s: could not store a base spectrum (%s); continuing without caching", self.folder, e)
             if tmp is not None:
