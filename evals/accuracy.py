@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -19,6 +20,53 @@ _TASK_KEY = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
+class EvalSettings:
+    """lm-eval's evaluation flags, with lm-eval's meanings, passed to ``simple_evaluate`` as its CLI passes them.
+
+    A flag left at ``None`` is not passed, so lm-eval's own default holds (``fewshot_as_multiturn`` follows
+    ``apply_chat_template`` in lm-eval >= 0.4.9, as ``lm_eval --apply_chat_template`` does).
+    """
+
+    num_fewshot: int | None = None
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool | None = None
+    gen_kwargs: str | None = None
+    seed: int | None = None  # lm-eval's --seed with one value: the random, numpy, torch and few-shot seeds
+    log_samples: bool = False  # keep lm-eval's per-sample records (written beside the results JSON)
+
+    def kwargs(self) -> dict[str, object]:
+        out: dict[str, object] = {"num_fewshot": self.num_fewshot, "gen_kwargs": self.gen_kwargs,
+                                  "fewshot_as_multiturn": self.fewshot_as_multiturn}
+        out = {k: v for k, v in out.items() if v is not None}
+        if self.apply_chat_template:
+            out["apply_chat_template"] = True
+        if self.seed is not None:
+            out |= {f"{k}_seed": self.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")}
+        return out | {"log_samples": self.log_samples}
+
+    def validate(self) -> None:
+        """Usage errors: negative few-shot counts, multi-turn few-shot without the chat template, and flags the
+        installed lm-eval does not take (named with its version)."""
+        import inspect
+
+        import lm_eval
+
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise RepairError(f"--num-fewshot: expected an integer >= 0, got {self.num_fewshot}.")
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise RepairError("--fewshot-as-multiturn: needs --apply-chat-template, as in lm-eval.")
+        accepted = inspect.signature(lm_eval.simple_evaluate).parameters
+        for name in sorted(set(self.kwargs()) - set(accepted)):
+            flag = "--seed" if name.endswith("_seed") else f"--{name.replace('_', '-')}"
+            raise RepairError(f"{flag}: the installed lm-eval {lm_eval.__version__} does not support it; "
+                              "upgrade lm-eval or drop the flag.")
+
+    def record(self) -> dict[str, object]:
+        """The settings as the reports record them."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class TaskScore:
     task: str
     metric: str
@@ -26,29 +74,36 @@ class TaskScore:
     stderr: float | None
 
 
-def task_manager_for(spec: str):
-    """``(TaskManager, task name)``: a local YAML path registers its folder; anything else is a task name."""
+def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
+    """``(folder to include, task name)``: a local YAML path registers its folder; anything else is a name."""
     from .taskgen import materialize_task, shipped_task_names
 
     if spec in shipped_task_names():  # the project's own offline tasks, by name
         spec = str(materialize_task(spec))
     path = Path(spec)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise RepairError(f"--task {spec}: no such task YAML file.")
-        m = _TASK_KEY.search(path.read_text())
-        if m is None:
-            raise RepairError(f"--task {spec}: the YAML has no 'task:' name.")
-        return task_manager(str(path.resolve().parent)), m[1]
-    return task_manager(None), spec
+    if path.suffix not in (".yaml", ".yml"):
+        return None, spec
+    if not path.is_file():
+        raise RepairError(f"{what} {spec}: no such task YAML file.")
+    m = _TASK_KEY.search(path.read_text())
+    if m is None:
+        raise RepairError(f"{what} {spec}: the YAML has no 'task:' name.")
+    return str(path.resolve().parent), m[1]
+
+
+def task_manager_for(spec: str, what: str = "--task"):
+    """``(TaskManager, task name)`` for one task spec."""
+    folder, name = task_location(spec, what)
+    return task_manager((folder,) if folder else ()), name
 
 
 @functools.lru_cache(maxsize=16)
-def task_manager(include_path: str | None):
-    """One lm-eval ``TaskManager`` per task folder and process: building one indexes every lm-eval task (seconds)."""
+def task_manager(include_paths: tuple[str, ...]):
+    """One lm-eval ``TaskManager`` per set of task folders and process: building one indexes every lm-eval
+    task (seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    return TaskManager(include_path=list(include_paths)) if include_paths else TaskManager()
 
 
 def _pick_metric(task: str, results: dict) -> TaskScore:
@@ -67,7 +122,7 @@ _LOADABLE: set[tuple[str, str]] = set()  # tasks lm-eval has loaded once in this
 def check_task(spec: str, what: str = "--task"):
     """``(TaskManager, name)`` of a task lm-eval can load, checked once per process (before anything runs);
     evaluations then run without a catch-all."""
-    tm, name = task_manager_for(spec)
+    tm, name = task_manager_for(spec, what)
     if (spec, name) not in _LOADABLE:
         load_tasks(tm, name, f"{what} {spec}")
         _LOADABLE.add((spec, name))
@@ -89,19 +144,67 @@ def load_tasks(tm, name: str, what: str) -> dict:
         raise RepairError(f"{what}: lm-eval could not load it ({type(e).__name__}: {e}).") from e
 
 
-def make_lm(model, tok, batch_size: int = 8):
-    """An lm-eval ``HFLM`` around an in-memory model; weights edited in place are seen by later calls."""
+def make_lm(model, tok, batch_size: int | str = 8):
+    """An lm-eval ``HFLM`` around an in-memory model; weights edited in place are seen by later calls.
+    ``batch_size="auto"`` is lm-eval's own detection."""
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)  # runs where the model's weights are
 
 
-def evaluate(lm, spec: str, limit: int | None = None) -> TaskScore:
-    """Run one lm-eval task (registered name or local YAML) through ``simple_evaluate``."""
+@dataclass(frozen=True)
+class TaskColumn:
+    """One accuracy column: an lm-eval task (registered name or local YAML) run with a set of lm-eval flags."""
+
+    spec: str
+    settings: EvalSettings = EvalSettings()
+    label: str | None = None  # the column's name; default: the task's lm-eval name
+
+    def resolve(self, what: str = "--task") -> tuple[str, str | None, str]:
+        """``(column name, folder to include, task name)``, the task checked loadable."""
+        folder, name = task_location(self.spec, what)
+        check_task(self.spec, what)
+        return self.label or name, folder, name
+
+
+def check_columns(columns: list[TaskColumn], what: str = "--task") -> list[str]:
+    """The column names, each task checked loadable (before any model is loaded); names must be unique."""
+    names = [c.resolve(what)[0] for c in columns]
+    for n in names:
+        if names.count(n) > 1:
+            raise RepairError(f"{what}: task {n!r} is given twice.")
+    for c in columns:
+        c.settings.validate()
+    return names
+
+
+def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, record=None,
+                     model_args: str = "") -> dict[str, TaskScore]:
+    """Each column's score: one ``simple_evaluate`` call per distinct set of flags, all its tasks at once, as
+    ``lm_eval --tasks a,b`` runs them. ``record(results, samples)`` receives lm-eval's own output of each call
+    (see ``evals.lmeval_files``)."""
     from lm_eval import simple_evaluate
 
-    tm, name = check_task(spec)
-    out = simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, log_samples=False)
-    if out is None or name not in out["results"]:
-        raise RepairError(f"--task {spec}: lm-eval returned no results for {name!r}.")
-    return _pick_metric(name, out["results"][name])
+    groups: dict[EvalSettings, list[TaskColumn]] = {}
+    for c in columns:
+        groups.setdefault(c.settings, []).append(c)
+    scores: dict[str, TaskScore] = {}
+    for settings, cols in groups.items():
+        resolved = [c.resolve() for c in cols]
+        folders = tuple(sorted({f for _, f, _ in resolved if f}))
+        names = list(dict.fromkeys(n for _, _, n in resolved))
+        tracker = record.tracker() if record is not None else None
+        out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders), limit=limit,
+                              evaluation_tracker=tracker, model_args=model_args, **settings.kwargs())
+        for label, _, name in resolved:
+            if out is None or name not in out["results"]:
+                raise RepairError(f"--task {name}: lm-eval returned no results for it.")
+            scores[label] = _pick_metric(name, out["results"][name])
+        if record is not None:
+            record.save(tracker, out)
+    return scores
+
+
+def evaluate(lm, spec: str, limit: int | None = None, settings: EvalSettings | None = None) -> TaskScore:
+    """Run one lm-eval task (registered name or local YAML) through ``simple_evaluate`` with ``settings``."""
+    return next(iter(evaluate_columns(lm, [TaskColumn(spec, settings or EvalSettings())], limit).values()))

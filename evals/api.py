@@ -2,34 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from evals.accuracy import EvalSettings
 from evals.comparison import CompareReport
 from evals.results import SweepReport
 from repair.api import detect_options
 
 
 def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
-          task: str | None = None, forgetting: str = "base-samples", limit: int | None = None,
-          pick: str | None = None, write_picked: bool = False, batch_size: int = 8, allow_amplify: bool = False,
-          dtype: str = "auto", device_map: str | None = None, **options) -> SweepReport:
-    """Accuracy against forgetting for each λ, written to ``out``: ``repair sweep`` (options: ``DetectOptions``)."""
+          tasks: Sequence[str] = (), forgetting: str = "base-samples", limit: int | None = None,
+          pick: str | None = None, write_picked: bool = False, overwrite: bool = False, batch_size: int | str = 8,
+          allow_amplify: bool = False, dtype: str = "auto", device_map: str | None = None,
+          num_fewshot: int | None = None, apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
+          gen_kwargs: str | None = None, seed: int | None = None, log_samples: bool = False,
+          **options) -> SweepReport:
+    """Accuracy against forgetting for each λ, written to ``out``: ``repair sweep`` (options: ``DetectOptions``).
+    ``tasks`` are lm-eval task names or local YAML paths; a single string is one task."""
     from evals.sweeper import SweepOptions, run_sweep
 
-    opts = SweepOptions(out=Path(out), scales=tuple(scales), task=task, forgetting=forgetting, limit=limit, pick=pick,
-                        write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
-                        detect=detect_options(options), dtype=dtype, device_map=device_map)
+    settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
+    opts = SweepOptions(out=Path(out), scales=tuple(scales), tasks=_tasks(tasks), forgetting=forgetting,
+                        limit=limit, pick=pick, write_picked=write_picked, overwrite=overwrite, batch_size=batch_size,
+                        allow_amplify=allow_amplify, detect=detect_options(options), dtype=dtype,
+                        device_map=device_map, eval=settings)
     return run_sweep(str(base), str(tuned), opts)
 
 
-def compare(models: list[str], tasks: list[str], *, limit: int | None = None, base: str | None = None,
-            forgetting: str | None = None, out: str | Path | None = None, batch_size: int = 8,
-            device: str = "auto", dtype: str = "auto", device_map: str | None = None) -> CompareReport:
-    """Each model on each task (and forgetting) side by side: ``repair compare``."""
+def compare(models: list[str], tasks: Sequence[str], *, limit: int | None = None, base: str | None = None,
+            forgetting: str | None = None, out: str | Path | None = None, batch_size: int | str = 8,
+            device: str = "auto", dtype: str = "auto", device_map: str | None = None, num_fewshot: int | None = None,
+            apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
+            gen_kwargs: str | None = None, seed: int | None = None, log_samples: bool = False) -> CompareReport:
+    """Each model on each task (and forgetting) side by side: ``repair compare``. A sweep folder in ``models``
+    stands for its base, tuned and picked checkpoints."""
     from evals.comparison import run_compare
     from evals.models import Placement
 
     placement = Placement(device, dtype, device_map)
     placement.validate()
-    return run_compare([str(m) for m in models], list(tasks), limit, base, forgetting,
-                       Path(out) if out is not None else None, batch_size, placement)
+    settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
+    return run_compare([str(m) for m in models], list(_tasks(tasks)), limit, base, forgetting,
+                       Path(out) if out is not None else None, batch_size, placement, settings)
+
+
+def _tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
+    return (tasks,) if isinstance(tasks, str) else tuple(tasks)

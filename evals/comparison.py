@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -15,22 +16,19 @@ from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.report import SCHEMA_VERSION
 
-from .accuracy import check_task, evaluate, make_lm
+from .accuracy import EvalSettings, TaskColumn, check_columns, evaluate_columns, make_lm
 from .corpus import is_base_samples, load_corpus
 from .forgetting import forgetting
-from .models import Placement, check_batch_size, load_model, source_fingerprint
+from .lmeval_files import LM_EVAL_DIR, lm_eval_record
+from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
+from .results import Score, SweepReport
 
 logger = logging.getLogger(__name__)
 
 
-class Score(BaseModel):
-    metric: str
-    value: float
-    stderr: float | None
-
-
 class CompareRow(BaseModel):
     model: str
+    label: str | None = Field(None, description="base, tuned or picked when the model came from a sweep folder")
     scores: dict[str, Score]
     forgetting_nll: float | None = None
 
@@ -41,6 +39,7 @@ class CompareReport(BaseModel):
     created: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     tasks: list[str]
     limit: int | None
+    lm_eval: dict[str, object] = Field(default_factory=dict, description="lm-eval's flags, as given")
     forgetting: str | None
     rows: list[CompareRow]
 
@@ -48,7 +47,7 @@ class CompareReport(BaseModel):
         head = ["model", *self.tasks] + (["forgetting NLL"] if self.forgetting else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [r.model] + [_cell(r.scores[t]) for t in self.tasks]
+            cells = [f"{r.label}: {r.model}" if r.label else r.model] + [_cell(r.scores[t]) for t in self.tasks]
             if self.forgetting:
                 cells.append(f"{r.forgetting_nll:.4f}")
             lines.append("| " + " | ".join(cells) + " |")
@@ -60,45 +59,80 @@ def _cell(s: Score) -> str:
     return f"{s.metric} {s.value:.4f}{err}"
 
 
-def _corpus(spec: str, base: str | None, placement: Placement | None) -> list[str]:
+def _corpus(spec: str, base: str | None, placement: Placement | None, chat: bool) -> list[str]:
     """The forgetting corpus: base samples are drawn from ``base`` (cached under the same key as a sweep's)."""
     if not is_base_samples(spec):
         return load_corpus(spec)
     model, tok, src = load_model(base, None, placement)
-    docs = load_corpus(spec, model, tok, json.dumps(source_fingerprint(src)))
+    docs = load_corpus(spec, model, tok, json.dumps(source_fingerprint(src)), chat=chat)
     del model
     gc.collect()
     return docs
 
 
+def expand_sweep_folders(models: list[str], base: str | None) -> tuple[list[tuple[str, str | None]], str | None]:
+    """``[(model, label)]`` with each sweep folder (one holding ``sweep.json``) replaced by its base, tuned and
+    picked checkpoint; ``--base`` defaults to the sweep's base."""
+    out: list[tuple[str, str | None]] = []
+    for ref in models:
+        report = Path(ref) / "sweep.json"
+        if not report.is_file():
+            out.append((ref, None))
+            continue
+        try:
+            data = SweepReport.model_validate_json(report.read_text())
+        except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+            raise RepairError(f"{report}: not a sweep report this version reads ({type(e).__name__}).") from e
+        base = base or str(data.arguments["base"])
+        out += [(str(data.arguments["base"]), "base"), (str(data.arguments["tuned"]), "tuned")]
+        if data.pick is not None and data.pick.checkpoint:
+            out.append((data.pick.checkpoint, f"picked λ={data.pick.scale:g}"))
+        else:
+            logger.warning("%s: the sweep wrote no picked checkpoint (--pick with --write-picked); comparing base "
+                           "and tuned", ref)
+    return out, base
+
+
 def run_compare(models: list[str], tasks: list[str], limit: int | None = None, base: str | None = None,
-                forgetting_spec: str | None = None, out: Path | None = None, batch_size: int = 8,
-                placement: Placement | None = None) -> CompareReport:
+                forgetting_spec: str | None = None, out: Path | None = None, batch_size: int | str = 8,
+                placement: Placement | None = None, settings: EvalSettings | None = None) -> CompareReport:
     """Evaluate each model on each task (and optionally forgetting), one model in memory at a time.
 
-    With ``--forgetting base-samples``, the corpus is sampled from ``base`` (required), as ``repair sweep``
-    samples it, so both commands score forgetting on the same documents.
+    A sweep folder stands for its base, tuned and picked checkpoints. With ``--forgetting base-samples``,
+    the corpus is sampled from ``base`` (required), as ``repair sweep`` samples it, so both commands score
+    forgetting on the same documents. With ``out``, lm-eval's own result files go to ``out/lm-eval/<n>-<name>``.
     """
     if not models or not tasks:
         raise RepairError("repair compare: expected at least one MODEL and one task in --tasks.")
     check_batch_size(batch_size)
+    settings = settings or EvalSettings()
+    columns = [TaskColumn(t, settings) for t in tasks]
+    names = check_columns(columns, "--tasks")
+    entries, base = expand_sweep_folders(models, base)
     if forgetting_spec and is_base_samples(forgetting_spec) and base is None:
         raise RepairError(f"--forgetting {forgetting_spec}: needs --base, the model whose own samples measure "
                           "forgetting.")
-    names = [check_task(t, "--tasks")[1] for t in tasks]
-    docs = _corpus(forgetting_spec, base, placement) if forgetting_spec else None
-    rows = []
-    for ref in models:
-        model, tok, _ = load_model(ref, base, placement)
-        lm = make_lm(model, tok, batch_size)
-        scores = {s.task: Score(metric=s.metric, value=s.value, stderr=s.stderr)
-                  for s in (evaluate(lm, t, limit) for t in tasks)}
-        nll = forgetting(model, tok, docs, batch_size).nll if docs else None
-        rows.append(CompareRow(model=ref, scores=scores, forgetting_nll=nll))
-        del model, lm
-        gc.collect()
-    report = CompareReport(tasks=names, limit=limit, forgetting=forgetting_spec, rows=rows)
+    docs = _corpus(forgetting_spec, base, placement, settings.apply_chat_template) if forgetting_spec else None
+    rows = [_row(i, ref, label, columns, limit, base, docs, out, batch_size, placement)
+            for i, (ref, label) in enumerate(entries)]
+    report = CompareReport(tasks=names, limit=limit, lm_eval=settings.record(), forgetting=forgetting_spec, rows=rows)
     if out is not None:
         write_text_atomic(out / "compare.json", json.dumps(report.model_dump(), indent=2) + "\n")
         write_text_atomic(out / "compare.md", report.markdown() + "\n")
     return report
+
+
+def _row(i: int, ref: str, label: str | None, columns: list[TaskColumn], limit: int | None, base: str | None,
+         docs: list[str] | None, out: Path | None, batch_size: int | str, placement: Placement | None) -> CompareRow:
+    """One model: its scores (lm-eval's files under ``out``) and forgetting, then freed."""
+    model, tok, _ = load_model(ref, base, placement)
+    lm = make_lm(model, tok, batch_size)
+    folder = f"{i}-{(label or Path(ref).name).split()[0]}"
+    record = lm_eval_record(out / LM_EVAL_DIR / folder) if out is not None else None
+    with record or contextlib.nullcontext() as rec:
+        scores = evaluate_columns(lm, columns, limit, rec, model_args=f"pretrained={ref}")
+    nll = forgetting(model, tok, docs, forgetting_batch(batch_size)).nll if docs else None
+    del model, lm
+    gc.collect()
+    return CompareRow(model=ref, label=label, forgetting_nll=nll,
+                      scores={k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()})

@@ -63,20 +63,40 @@ def _parse_samples(spec: str) -> int:
     return int(n) if n else DEFAULT_SAMPLES
 
 
+def chat_prompt(tok) -> list[int] | None:
+    """Token ids that open an assistant turn after an empty user turn, through the tokenizer's chat template
+    (with its default system turn, if any), or None without a template: an instruct model prompted with nothing
+    asked."""
+    from jinja2 import TemplateError
+
+    if not getattr(tok, "chat_template", None):
+        return None
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False)
+    except (TemplateError, ValueError) as e:
+        raise RepairError(f"--forgetting base-samples: the base's chat template cannot render an empty user turn "
+                          f"({e}); pass a --forgetting file or task instead.") from e
+    return tok(text, add_special_tokens=False).input_ids
+
+
 def base_samples(model, tok, model_key: str, n: int = DEFAULT_SAMPLES, tokens: int = SAMPLE_TOKENS,
-                 seed: int = SAMPLE_SEED) -> list[str]:
-    """``n`` unconditional samples of the model (ancestral sampling, temperature 1), cached by key."""
-    key = hashlib.sha256(json.dumps([model_key, n, tokens, seed]).encode()).hexdigest()[:16]
+                 seed: int = SAMPLE_SEED, chat: bool = False) -> list[str]:
+    """``n`` samples of the model (ancestral sampling, temperature 1), cached by key: unconditional from BOS, or
+    with ``chat`` and a chat template, the answers to the template's empty prompt (only the answer is kept)."""
+    prompt = chat_prompt(tok) if chat and tok is not None else None
+    key = hashlib.sha256(json.dumps([model_key, n, tokens, seed] + (["chat", prompt] if prompt else []))
+                         .encode()).hexdigest()[:16]
     path = cache_dir() / "corpora" / f"base-samples-{key}.jsonl"
     if path.is_file():
         return read_documents(path)
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    if prompt is None:
+        prompt = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(torch.tensor([[start]], device=next(model.parameters()).device), do_sample=True,
+        out = model.generate(torch.tensor([prompt], device=next(model.parameters()).device), do_sample=True,
                              top_k=0, top_p=1.0, temperature=1.0, max_new_tokens=tokens,
                              num_return_sequences=n, pad_token_id=tok.eos_token_id)
-    docs = [d for d in tok.batch_decode(out[:, 1:], skip_special_tokens=True) if d.strip()]
+    docs = [d for d in tok.batch_decode(out[:, len(prompt):], skip_special_tokens=True) if d.strip()]
     write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     logger.info("cached %d base samples at %s", len(docs), path)
     return docs
@@ -86,11 +106,12 @@ def is_base_samples(spec: str) -> bool:
     return spec == BASE_SAMPLES or spec.startswith(BASE_SAMPLES + ":")
 
 
-def load_corpus(spec: str, model=None, tok=None, model_key: str = "", limit: int | None = None) -> list[str]:
-    """Resolve ``--forgetting``: ``base-samples[:N]``, a .txt/.jsonl file, or an lm-eval rolling task
-    (a registered name or a local task YAML)."""
+def load_corpus(spec: str, model=None, tok=None, model_key: str = "", limit: int | None = None,
+                chat: bool = False) -> list[str]:
+    """Resolve ``--forgetting``: ``base-samples[:N]`` (drawn through the chat template with ``chat``), a
+    .txt/.jsonl file, or an lm-eval rolling task (a registered name or a local task YAML)."""
     if is_base_samples(spec):
-        docs = base_samples(model, tok, model_key, _parse_samples(spec))
+        docs = base_samples(model, tok, model_key, _parse_samples(spec), chat=chat)
     elif Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml"):
         docs = read_documents(Path(spec))
     else:

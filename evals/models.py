@@ -101,10 +101,20 @@ def _load_full(src: ModelSource, placement: Placement):
     return model.eval()
 
 
-def check_batch_size(batch_size: int) -> None:
-    """Documents per forward pass (and lm-eval's batch size) must be a positive integer."""
-    if batch_size < 1:
-        raise RepairError(f"--batch-size: expected a positive integer, got {batch_size}.")
+AUTO_FORGETTING_BATCH = 8  # documents per forward pass when lm-eval picks its own batch size
+
+
+def check_batch_size(batch_size: int | str) -> None:
+    """Documents per forward pass (and lm-eval's batch size): a positive integer, or ``auto`` (lm-eval's own
+    detection; forgetting then scores 8 documents per pass)."""
+    if batch_size == "auto":
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RepairError(f"--batch-size: expected a positive integer or auto, got {batch_size!r}.")
+
+
+def forgetting_batch(batch_size: int | str) -> int:
+    return AUTO_FORGETTING_BATCH if batch_size == "auto" else int(batch_size)
 
 
 def source_fingerprint(src: ModelSource) -> list:

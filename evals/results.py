@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -13,12 +14,33 @@ from repair.durable import write_text_atomic
 from repair.report import SCHEMA_VERSION
 
 
+class Score(BaseModel):
+    """One task's score as lm-eval reports it."""
+
+    metric: str
+    value: float
+    stderr: float | None = None
+
+
+def mean_score(scores: dict[str, Score]) -> Score | None:
+    """The unweighted mean over tasks, its stderr sqrt(Σ se²)/n (tasks evaluated on independent documents)."""
+    if not scores:
+        return None
+    if len(scores) == 1:
+        return next(iter(scores.values()))
+    errs = [s.stderr for s in scores.values()]
+    stderr = math.sqrt(sum(e * e for e in errs)) / len(errs) if all(e is not None for e in errs) else None
+    return Score(metric=f"mean of {len(scores)} tasks", value=sum(s.value for s in scores.values()) / len(scores),
+                 stderr=stderr)
+
+
 class SweepPoint(BaseModel):
     label: str  # base, tuned, or scale=λ
     scale: float | None
-    accuracy: float | None = None
+    accuracy: float | None = Field(None, description="the task's score, or the unweighted mean over the tasks")
     accuracy_stderr: float | None = None
     metric: str | None = None
+    scores: dict[str, Score] = Field(default_factory=dict, description="each task's score (lm-eval's metric)")
     forgetting_nll: float
     forgetting_delta: float = Field(description="forgetting_nll minus the base model's")
     intruders: int = Field(description="intruder dimensions left among the top k of each matrix")
@@ -27,6 +49,7 @@ class SweepPoint(BaseModel):
 
 class Pick(BaseModel):
     rule: str
+    task: str | None = Field(None, description="the task whose drop is bounded; None: the mean over the tasks")
     scale: float
     accuracy_drop: float | None
     forgetting_recovered: float | None = Field(
@@ -53,12 +76,22 @@ class SweepReport(BaseModel):
 CSV_FIELDS = ["label", "scale", "accuracy", "accuracy_stderr", "forgetting_nll", "forgetting_delta", "intruders"]
 
 
+def _tasks(report: SweepReport) -> list[str]:
+    return list(report.tuned.scores)
+
+
 def write_csv(report: SweepReport, path: Path) -> None:
+    """One row per point; with several tasks, each task's score and stderr in its own pair of columns."""
+    tasks = _tasks(report) if len(_tasks(report)) > 1 else []
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS + [f"{t}{x}" for t in tasks for x in ("", "_stderr")],
+                       lineterminator="\n")
     w.writeheader()
     for p in [report.base, report.tuned, *report.points]:
-        w.writerow({k: getattr(p, k) for k in CSV_FIELDS})
+        row = {k: getattr(p, k) for k in CSV_FIELDS}
+        for t in tasks:
+            row |= {t: p.scores[t].value, f"{t}_stderr": p.scores[t].stderr}
+        w.writerow(row)
     write_text_atomic(path, buf.getvalue())
 
 
@@ -67,36 +100,59 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 
 
 def markdown_table(report: SweepReport) -> str:
-    rows = ["| point | λ | accuracy | ± stderr | forgetting NLL | Δ vs base | intruders |",
-            "|---|---|---|---|---|---|---|"]
+    """The points as a table; with several tasks, one accuracy column per task before the mean."""
+    tasks = _tasks(report) if len(_tasks(report)) > 1 else []
+    head = ["point", "λ", *tasks, "mean accuracy" if tasks else "accuracy", "± stderr", "forgetting NLL",
+            "Δ vs base", "intruders"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in [report.base, report.tuned, *report.points]:
-        rows.append(f"| {p.label} | {_fmt(p.scale, 'g')} | {_fmt(p.accuracy)} | {_fmt(p.accuracy_stderr)} | "
-                    f"{p.forgetting_nll:.4f} | {p.forgetting_delta:+.4f} | {p.intruders} |")
+        cells = [p.label, _fmt(p.scale, "g"), *(_fmt(p.scores[t].value) for t in tasks), _fmt(p.accuracy),
+                 _fmt(p.accuracy_stderr), f"{p.forgetting_nll:.4f}", f"{p.forgetting_delta:+.4f}", str(p.intruders)]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
+def _panel(ax, report: SweepReport, task: str | None) -> None:
+    """Accuracy on ``task`` (None: the mean, or λ without a task) against forgetting, each λ labelled."""
+    pts = sorted(report.points, key=lambda p: p.scale)
+    has_acc = report.tuned.accuracy is not None
+    if task is not None:
+        def y(p):
+            return p.scores[task].value
+    elif has_acc:
+        def y(p):
+            return p.accuracy
+    else:
+        def y(p):
+            return 0.0 if p is report.base else 1.0 if p is report.tuned else p.scale
+    ax.plot([p.forgetting_nll for p in pts], [y(p) for p in pts], "o-", color="tab:blue", label="patched (λ)")
+    for p in pts:
+        ax.annotate(f"λ={p.scale:g}", (p.forgetting_nll, y(p)), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.plot(report.base.forgetting_nll, y(report.base), "*", ms=14, color="tab:green", label="base")
+    ax.plot(report.tuned.forgetting_nll, y(report.tuned), "s", ms=9, color="tab:red", label="tuned (λ=1)",
+            fillstyle="none")
+    metric = report.tuned.scores[task].metric if task is not None else report.tuned.metric
+    ax.set_ylabel(f"{task or 'accuracy'} ({metric})" if has_acc else "λ")
+    ax.set_xlabel(f"forgetting: {report.forgetting_kind} per token (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot_tradeoff(report: SweepReport, path: Path) -> None:
-    """Accuracy against forgetting, each λ labelled, base and tuned marked (forgetting vs λ without a task)."""
+    """Accuracy against forgetting: one panel per task, and one for the mean when there are several tasks
+    (forgetting against λ without a task)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    pts = sorted(report.points, key=lambda p: p.scale)
-    has_acc = all(p.accuracy is not None for p in [report.base, report.tuned, *pts])
-    y = (lambda p: p.accuracy) if has_acc else (lambda p: p.scale)
-    ax.plot([p.forgetting_nll for p in pts], [y(p) for p in pts], "o-", color="tab:blue", label="patched (λ)")
-    for p in pts:
-        ax.annotate(f"λ={p.scale:g}", (p.forgetting_nll, y(p)), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.plot(report.base.forgetting_nll, y(report.base) if has_acc else 0, "*", ms=14, color="tab:green", label="base")
-    ax.plot(report.tuned.forgetting_nll, y(report.tuned) if has_acc else 1, "s", ms=9, color="tab:red",
-            label="tuned (λ=1)", fillstyle="none")
-    ax.set_xlabel(f"forgetting: {report.forgetting_kind} per token on the reference corpus (lower is better)")
-    ax.set_ylabel(f"accuracy ({report.tuned.metric})" if has_acc else "λ")
-    ax.set_title("Intruder scaling: task accuracy vs forgetting")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    tasks = _tasks(report)
+    panels: list[str | None] = [*tasks, None] if len(tasks) > 1 else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, task in zip(axes[0], panels, strict=True):
+        _panel(ax, report, task)
+        ax.set_title(task or ("mean over the tasks" if len(panels) > 1 else "task accuracy vs forgetting"))
+    fig.suptitle("Intruder scaling: task accuracy vs forgetting")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)

@@ -18,32 +18,50 @@ from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.inplace import InPlacePatcher
 from repair.plan import check_scale
+from repair.writer import check_output_dir
 
-from .accuracy import check_task, evaluate, make_lm
+from .accuracy import EvalSettings, TaskColumn, check_columns, evaluate_columns, make_lm
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
-from .models import Placement, check_batch_size, load_model, source_fingerprint
-from .results import Pick, SweepPoint, SweepReport, markdown_table, plot_tradeoff, write_csv
+from .lmeval_files import LM_EVAL_DIR, lm_eval_record
+from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
+from .results import (
+    Pick,
+    Score,
+    SweepPoint,
+    SweepReport,
+    markdown_table,
+    mean_score,
+    plot_tradeoff,
+    write_csv,
+)
 
 logger = logging.getLogger(__name__)
-_PICK = re.compile(r"^max-acc-drop=(\d*\.?\d+)$")
+_PICK = re.compile(r"^max-acc-drop=(\d*\.?\d+)(?::(.+))?$")
 
 
 @dataclass(frozen=True)
 class SweepOptions:
     out: Path
     scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    task: str | None = None
+    tasks: tuple[str, ...] = ()  # lm-eval tasks (names or local YAML paths), each run with ``eval``
     forgetting: str = "base-samples"
     limit: int | None = None
     detect: DetectOptions = field(default_factory=DetectOptions)
     pick: str | None = None
     write_picked: bool = False
-    batch_size: int = 8
+    batch_size: int | str = 8  # or "auto": lm-eval's own detection
     allow_amplify: bool = False
     dtype: str = "auto"  # the evaluated model's dtype (see evals.models.Placement)
     device_map: str | None = None  # "auto": accelerate spreads the model (chosen by itself when it does not fit)
+    overwrite: bool = False  # --write-picked may replace a non-empty DIR/picked
+    eval: EvalSettings = field(default_factory=EvalSettings)  # lm-eval's flags (--num-fewshot, --seed, ...)
+    extra_columns: tuple[TaskColumn, ...] = ()  # tasks run with flags of their own (the demo's chat-template pair)
+
+    @property
+    def columns(self) -> list[TaskColumn]:
+        return [TaskColumn(t, self.eval) for t in self.tasks] + list(self.extra_columns)
 
     @property
     def placement(self) -> Placement:
@@ -59,37 +77,53 @@ class SweepOptions:
             check_scale(s, self.allow_amplify, "--scales")
         if self.pick is not None:
             pick_bound(self.pick)
-            if self.task is None:
+            if not self.columns:
                 raise RepairError("--pick: needs --task, since it bounds the accuracy drop.")
         if self.write_picked and self.pick is None:
             raise RepairError("--write-picked: needs --pick.")
         if self.limit is not None and self.limit < 1:
             raise RepairError(f"--limit: expected a positive integer, got {self.limit}.")
         check_batch_size(self.batch_size)
+        self.eval.validate()
 
 
-def pick_bound(rule: str) -> float:
+def pick_bound(rule: str) -> tuple[float, str | None]:
+    """``(bound, task)``: ``max-acc-drop=X`` bounds the mean over the tasks, ``max-acc-drop=X:TASK`` one task."""
     m = _PICK.match(rule)
     if m is None:
-        raise RepairError(f"--pick: expected max-acc-drop=X (e.g. max-acc-drop=0.01), got {rule!r}.")
-    return float(m[1])
+        raise RepairError(f"--pick: expected max-acc-drop=X or max-acc-drop=X:TASK (e.g. max-acc-drop=0.01), "
+                          f"got {rule!r}.")
+    return float(m[1]), m[2]
 
 
 class _Evaluator:
-    """Measures one point: lm-eval accuracy and forgetting NLL of the model as it is now."""
+    """Measures one point: lm-eval accuracy on each task and forgetting NLL of the model as it is now; lm-eval's
+    own result files go to ``DIR/lm-eval/<label>/``."""
 
-    def __init__(self, model, tok, docs: list[str], opts: SweepOptions):
+    def __init__(self, model, tok, docs: list[str], opts: SweepOptions, base: str, tuned: str):
         self.model, self.tok, self.docs, self.opts = model, tok, docs, opts
-        self.lm = make_lm(model, tok, opts.batch_size) if opts.task else None
+        self.columns = opts.columns
+        self.lm = make_lm(model, tok, opts.batch_size) if self.columns else None
         self.base_nll: float | None = None
         self.kind, self.tokens = forgetting_kind(model), scored_tokens(model, tok, docs)
+        self.base, self.tuned = base, tuned
+
+    def _scores(self, label: str, scale: float | None) -> dict[str, Score]:
+        if self.lm is None:
+            return {}
+        args = f"pretrained={self.base}" if scale is None else \
+            f"pretrained={self.tuned},base={self.base},intruder_scale={scale:g}"
+        with lm_eval_record(self.opts.out / LM_EVAL_DIR / label) as record:
+            scores = evaluate_columns(self.lm, self.columns, self.opts.limit, record, model_args=args)
+        return {k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()}
 
     def measure(self, label: str, scale: float | None, intruders: int) -> SweepPoint:
         t0 = time.perf_counter()
-        f = forgetting(self.model, self.tok, self.docs, self.opts.batch_size)
-        acc = evaluate(self.lm, self.opts.task, self.opts.limit) if self.lm is not None else None
-        return SweepPoint(label=label, scale=scale, accuracy=acc and acc.value, accuracy_stderr=acc and acc.stderr,
-                          metric=acc and acc.metric, forgetting_nll=f.nll,
+        f = forgetting(self.model, self.tok, self.docs, forgetting_batch(self.opts.batch_size))
+        scores = self._scores(label, scale)
+        mean = mean_score(scores)
+        return SweepPoint(label=label, scale=scale, accuracy=mean and mean.value, accuracy_stderr=mean and mean.stderr,
+                          metric=mean and mean.metric, scores=scores, forgetting_nll=f.nll,
                           forgetting_delta=f.nll - (f.nll if self.base_nll is None else self.base_nll),
                           intruders=intruders, seconds=round(time.perf_counter() - t0, 2))
 
@@ -130,39 +164,52 @@ def _label(scale: float) -> str:
     return f"scale={scale:g}"
 
 
+def _accuracy(point: SweepPoint, task: str | None) -> float:
+    return point.accuracy if task is None else point.scores[task].value
+
+
 def choose(points: list[SweepPoint], tuned: SweepPoint, base: SweepPoint, rule: str) -> Pick:
-    """The λ with the least forgetting whose accuracy drop against λ=1 stays within the bound."""
-    bound = pick_bound(rule)
-    ok = [p for p in points if tuned.accuracy - p.accuracy <= bound + 1e-12]
+    """The λ with the least forgetting whose accuracy drop against λ=1 (of the mean, or of the task named in
+    the rule) stays within the bound."""
+    bound, task = pick_bound(rule)
+    if task is not None and task not in tuned.scores:
+        raise RepairError(f"--pick {rule}: {task!r} is not one of the swept tasks ({', '.join(tuned.scores)}).")
+    drop = {id(p): _accuracy(tuned, task) - _accuracy(p, task) for p in points}
+    ok = [p for p in points if drop[id(p)] <= bound + 1e-12]
     if not ok:
         raise RepairError(f"--pick {rule}: no λ keeps the accuracy drop within {bound}.")
-    best = min(ok, key=lambda p: (p.forgetting_nll, -p.accuracy, -p.scale))
+    best = min(ok, key=lambda p: (p.forgetting_nll, -_accuracy(p, task), -p.scale))
     gap = tuned.forgetting_nll - base.forgetting_nll
     recovered = (tuned.forgetting_nll - best.forgetting_nll) / gap if gap > 0 else None
-    return Pick(rule=rule, scale=best.scale, accuracy_drop=tuned.accuracy - best.accuracy,
-                forgetting_recovered=recovered)
+    return Pick(rule=rule, task=task, scale=best.scale, accuracy_drop=drop[id(best)], forgetting_recovered=recovered)
 
 
 def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
     d = opts.detect
-    return {"base": base, "tuned": tuned, "scales": list(opts.scales), "task": opts.task,
+    return {"base": base, "tuned": tuned, "scales": list(opts.scales), "tasks": list(opts.tasks),
             "forgetting": opts.forgetting, "limit": opts.limit, "top_k": d.top_k, "epsilon": d.epsilon,
             "side": d.side, "modules": d.modules, "pick": opts.pick, "batch_size": opts.batch_size,
-            "dtype": opts.dtype}
+            "dtype": opts.dtype, "lm_eval": opts.eval.record(),
+            "extra_columns": [{"task": c.spec, "label": c.label, "lm_eval": c.settings.record()}
+                              for c in opts.extra_columns]}
 
 
 def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
     opts.validate()
-    if opts.task is not None:
-        check_task(opts.task)  # an unknown task is a sentence before any model is loaded
+    if opts.write_picked:  # before any work: a refused output folder must not cost a whole sweep
+        check_output_dir(opts.out / PICKED_DIR, [], opts.overwrite)
+    names = check_columns(opts.columns)  # an unknown task is a sentence before any model is loaded
+    if opts.pick and (task := pick_bound(opts.pick)[1]) is not None and task not in names:
+        raise RepairError(f"--pick {opts.pick}: {task!r} is not one of the swept tasks ({', '.join(names)}).")
     src = opts.detect.pairs(base, tuned)
     model, tok, base_src = load_model(base, placement=opts.placement)
-    docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)))
+    docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)),
+                       chat=opts.eval.apply_chat_template)
     args = _arguments(base, tuned, opts)
     key = [__version__, args, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts)
+    cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts, base, tuned)
     base_point = cache.get("base") or cache.put(ev.measure("base", None, 0))
     ev.base_nll = base_point.forgetting_nll
     patcher = InPlacePatcher(model, src, opts.detect)  # the one SVD pass; the model now holds TUNED
@@ -185,17 +232,24 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     if opts.pick:
         report.pick = choose(report.points, tuned_point, base_point, opts.pick)
         if opts.write_picked:
-            report.pick.checkpoint = str(_write_picked(base, tuned, opts, report.pick.scale))
+            report.pick.checkpoint = str(_write_picked(base, tuned, opts, patcher, report.pick.scale, fingerprint))
     _write_outputs(report, opts.out)
     return report
 
 
-def _write_picked(base: str, tuned: str, opts: SweepOptions, scale: float) -> Path:
+PICKED_DIR = "picked"
+
+
+def _write_picked(base: str, tuned: str, opts: SweepOptions, patcher: InPlacePatcher, scale: float,
+                  fingerprint: str) -> Path:
+    """The checkpoint at the picked λ, from the sweep's own intruders and triplets: the weights it measured."""
     from repair.patcher import PatchOptions, patch
 
-    out = opts.out / "picked"
-    patch(base, tuned, PatchOptions(out=out, scale=scale, detect=opts.detect, overwrite=True,
-                                    allow_amplify=opts.allow_amplify))
+    out = opts.out / PICKED_DIR
+    patches = {e.name: e.patch for e in patcher.entries}
+    patch(base, tuned, PatchOptions(out=out, scale=scale, detect=opts.detect, overwrite=opts.overwrite,
+                                    allow_amplify=opts.allow_amplify, patches=patches,
+                                    patches_from=f"repair sweep {fingerprint}"))
     return out
 
 

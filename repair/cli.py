@@ -172,36 +172,81 @@ def _scales(ctx, param, value: str) -> tuple[float, ...]:
         raise UsageFailure(f"--scales: expected comma-separated numbers such as 0,0.5,1, got {value!r}.") from e
 
 
+def _batch_size(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError as e:
+        raise UsageFailure(f"--batch-size: expected a positive integer or auto, got {value!r}.") from e
+
+
+def _task_list(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """A repeatable option whose values may also be comma lists."""
+    return tuple(t.strip() for v in values for t in v.split(",") if t.strip())
+
+
+def _eval_options(f):
+    """lm-eval's evaluation flags, with lm-eval's meanings; the command receives them as ``eval_settings``."""
+    names = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed", "log_samples")
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from evals.accuracy import EvalSettings
+
+        kwargs["eval_settings"] = EvalSettings(**{n: kwargs.pop(n) for n in names})
+        return f(*args, **kwargs)
+
+    for opt in reversed([
+        click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per prompt (lm-eval's)."),
+        click.option("--apply-chat-template", is_flag=True, help="Prompt through the tokenizer's chat template."),
+        click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", default=None,
+                     help="Few-shot examples as chat turns (lm-eval's default: on with --apply-chat-template)."),
+        click.option("--gen-kwargs", default=None, help="Generation arguments for generate_until tasks, e.g. "
+                                                        "temperature=0,max_gen_toks=32."),
+        click.option("--seed", type=int, default=None, help="lm-eval's random, numpy, torch and few-shot seeds."),
+        click.option("--log-samples", is_flag=True, help="Also write lm-eval's per-sample records."),
+    ]):
+        wrapper = opt(wrapper)
+    return wrapper
+
+
 @main.command()
 @click.argument("base")
 @click.argument("tuned")
 @click.option("--scales", default="0,0.25,0.5,0.75,1", show_default=True, callback=_scales,
               help="Comma-separated λ values.")
-@click.option("--task", default=None, help="lm-eval task: a registered name or a local task YAML path.")
+@click.option("--task", "tasks", multiple=True, callback=_task_list,
+              help="lm-eval task: a registered name or a local task YAML path (repeatable, or a comma list).")
 @click.option("--forgetting", default="base-samples", show_default=True,
               help="Reference corpus: a .txt/.jsonl file, an lm-eval rolling task, or base-samples[:N].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--limit", type=int, default=None, help="Evaluate at most N task examples.")
-@click.option("--pick", default=None, help="Choose λ, e.g. max-acc-drop=0.01.")
-@click.option("--write-picked", is_flag=True, help="Also write the merged checkpoint at the picked λ.")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--pick", default=None,
+              help="Choose λ: max-acc-drop=X bounds the mean accuracy drop, max-acc-drop=X:TASK one task's.")
+@click.option("--write-picked", is_flag=True,
+              help="Also write the merged checkpoint at the picked λ: the weights the sweep measured.")
+@click.option("--overwrite", is_flag=True, help="Let --write-picked replace a non-empty DIR/picked.")
+@click.option("--batch-size", default="8", show_default=True, callback=_batch_size,
+              help="Documents per forward pass, or auto (lm-eval's detection; forgetting then uses 8).")
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated model.")
 @click.option("--device-map", default=None, type=click.Choice(["auto"]),
               help="Spread the model over the devices with accelerate (chosen by itself when it does not fit "
                    "--device).")
+@_eval_options
 @_detect_options
 @_handle_errors
-def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked, batch_size, allow_amplify,
-          dtype, device_map, detect_opts):
+def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked, overwrite, batch_size, allow_amplify,
+          dtype, device_map, detect_opts, eval_settings):
     """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
     from evals.results import markdown_table
     from evals.sweeper import SweepOptions, run_sweep
 
-    opts = SweepOptions(out=out, scales=scales, task=task, forgetting=forgetting, limit=limit, pick=pick,
-                        write_picked=write_picked, batch_size=batch_size, allow_amplify=allow_amplify,
-                        detect=detect_opts, dtype=dtype, device_map=device_map)
+    opts = SweepOptions(out=out, scales=scales, tasks=tasks, forgetting=forgetting, limit=limit, pick=pick,
+                        write_picked=write_picked, overwrite=overwrite, batch_size=batch_size,
+                        allow_amplify=allow_amplify, detect=detect_opts, dtype=dtype, device_map=device_map, eval=eval_settings)
     report = run_sweep(base, tuned, opts)
     click.echo(markdown_table(report))
     if report.pick is not None:
@@ -213,27 +258,30 @@ def sweep(base, tuned, scales, task, forgetting, out, limit, pick, write_picked,
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--tasks", required=True, help="Comma-separated lm-eval task names or local task YAML paths.")
+@click.option("--tasks", required=True, multiple=True, callback=_task_list,
+              help="lm-eval task names or local task YAML paths (repeatable, or a comma list).")
 @click.option("--limit", type=int, default=None, help="Evaluate at most N examples per task.")
 @click.option("--base", default=None, help="Base model for LoRA adapter folders (default: the adapter's own).")
 @click.option("--forgetting", default=None, help="Also score forgetting on this corpus (see `repair sweep`).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write compare.json and compare.md.")
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--batch-size", default="8", show_default=True, callback=_batch_size,
+              help="Documents per forward pass, or auto (lm-eval's detection; forgetting then uses 8).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated models.")
 @click.option("--device-map", default=None, type=click.Choice(["auto"]),
               help="Spread each model over the devices with accelerate (chosen by itself when it does not fit).")
+@_eval_options
 @_handle_errors
-def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dtype, device_map):
-    """Side-by-side lm-eval table of MODELS (folders, hub ids, smollm2-135m, or LoRA adapters)."""
+def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dtype, device_map, eval_settings):
+    """Side-by-side lm-eval table of MODELS (folders, hub ids, smollm2-135m, LoRA adapters, or a sweep folder:
+    its base, tuned and picked checkpoints)."""
     from evals.comparison import run_compare
     from evals.models import Placement
 
     placement = Placement(device, dtype, device_map)
     placement.validate()
-    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
-    report = run_compare(list(models), task_list, limit, base, forgetting, out, batch_size, placement)
+    report = run_compare(list(models), list(tasks), limit, base, forgetting, out, batch_size, placement, eval_settings)
     click.echo(report.markdown())
 
 

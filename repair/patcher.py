@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -54,6 +55,10 @@ class PatchOptions:
     plan: Path | None = None
     allow_amplify: bool = False
     overwrite: bool = False
+    # Library use: the intruders and triplets (U, σ, Vh) of each matrix, already found (by a sweep); no detection
+    # runs, so the checkpoint holds exactly W_tuned + Σ (λ-1) σ u vᵀ of these triplets at ``scale``.
+    patches: Mapping[str, MatrixPatch] | None = None
+    patches_from: str | None = None  # what found them, recorded in the provenance
 
     def validate(self, plan: Plan | None) -> None:
         self.detect.validate()
@@ -71,6 +76,9 @@ class PatchOptions:
 def _edits(src: PairSource, names: list[str], opts: PatchOptions,
            plan: Plan | None) -> list[tuple[MatrixPair, MatrixPatch | None]]:
     """The patch of each matrix in a batch: from the plan, or from a fresh detection. None when untouched."""
+    if opts.patches is not None:
+        return [(src.pair(n), dataclasses.replace(opts.patches[n], scale=opts.scale) if n in opts.patches else None)
+                for n in names]
     if plan is None:
         found = analyse_pairs(src, names, opts.detect, precise=True)
         return [(pair, make_patch(f.tuned, f.intruders, opts.scale) if f.intruders else None) for pair, f in found]
@@ -242,7 +250,8 @@ def _provenance(src: PairSource, base: str, tuned: str, opts: PatchOptions) -> P
     d = opts.detect
     args = {"base": base, "tuned": tuned, "scale": opts.scale, "top_k": d.top_k, "epsilon": d.epsilon,
             "side": d.side, "modules": d.modules, "format": opts.format, "max_shard_size": opts.max_shard_size,
-            "allow_amplify": opts.allow_amplify, "plan_sha256": file_sha256(opts.plan) if opts.plan else None}
+            "allow_amplify": opts.allow_amplify, "plan_sha256": file_sha256(opts.plan) if opts.plan else None,
+            "patches_from": opts.patches_from}
     inputs = []
     for role, folder, files in (("base", src.base_source.path, src.base.files),
                                 ("tuned", src.tuned_source.path, src.tuned_files())):
@@ -285,7 +294,8 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
     join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))
     edits: list[MatrixEdit] = []
     try:
-        prefetch(src, opts.detect, opts.detect.top_k + 1)
+        if opts.patches is None:
+            prefetch(src, opts.detect, opts.detect.top_k + 1)
         join()
         provenance = hashed[0]
         meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}

@@ -120,12 +120,14 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
                         scales={"layers.0.": 1.0, "layers.1.": 1e-3})
 
 
-def write_mc_task(folder: Path, name: str = "tiny_add", n: int = 24) -> Path:
-    """A local multiple-choice lm-eval task (sums of small numbers) and its data, absolute path inside."""
+def write_mc_task(folder: Path, name: str = "tiny_add", n: int = 24, op: str = "+") -> Path:
+    """A local multiple-choice lm-eval task (sums, or with ``op="*"`` products, of small numbers) and its data,
+    absolute path inside."""
     import json
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": f"{a}+{b}=", "choices": [str(a + b), str(a + b + 1), str(a + b + 2)], "answer": (a * b) % 3}
+    value = {"+": int.__add__, "*": int.__mul__}[op]
+    rows = [{"question": f"{a}{op}{b}=", "choices": [str(value(a, b) + i) for i in range(3)], "answer": (a * b) % 3}
             for a in range(6) for b in range(4)][:n]
     data = folder / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -174,12 +174,14 @@ def test_api_defaults_are_the_cli_defaults():
         assert sig[name].default == patch_cli[name], name
     sweep_cli = cli_defaults(cli.sweep, "B", "T", "--out", "O")
     sig = inspect.signature(evals_api.sweep).parameters
-    for name in ("scales", "task", "forgetting", "limit", "pick", "write_picked", "batch_size", "allow_amplify",
-                 "dtype", "device_map"):
+    lm_eval_flags = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed",
+                     "log_samples")
+    for name in ("scales", "tasks", "forgetting", "limit", "pick", "write_picked", "overwrite", "batch_size",
+                 "allow_amplify", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == sweep_cli[name], name
     compare_cli = cli_defaults(cli.compare, "M", "--tasks", "t")
     sig = inspect.signature(evals_api.compare).parameters
-    for name in ("limit", "base", "forgetting", "out", "batch_size", "device", "dtype", "device_map"):
+    for name in ("limit", "base", "forgetting", "out", "batch_size", "device", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == compare_cli[name], name
 
 

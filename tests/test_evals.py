@@ -208,7 +208,7 @@ def test_python_api_sweep_and_compare_equal_the_commands(llama_base, llama_adapt
     res = _sweep(llama_base, llama_adapter, mc_task, corpus_file, tmp_path / "cli")
     assert res.exit_code == 0, res.output
     cli = json.loads((tmp_path / "cli" / "sweep.json").read_text())
-    api = evals.sweep(llama_base, llama_adapter, tmp_path / "api", scales=(0.0, 0.5, 1.0), task=str(mc_task),
+    api = evals.sweep(llama_base, llama_adapter, tmp_path / "api", scales=(0.0, 0.5, 1.0), tasks=str(mc_task),
                       forgetting=str(corpus_file))
     for mine, theirs in zip([api.base, api.tuned, *api.points], [cli["base"], cli["tuned"], *cli["points"]],
                             strict=True):
@@ -244,3 +244,5 @@ def test_compare_draws_base_samples_from_base_or_refuses(llama_base, llama_adapt
     sweep = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     compare = json.loads((out / "compare.json").read_text())
     assert compare["rows"][0]["forgetting_nll"] == pytest.approx(sweep["tuned"]["forgetting_nll"], rel=1e-4)
+
+

@@ -94,6 +94,10 @@ def test_demo_runs_end_to_end(tmp_path):
     res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "100"])
     assert res.exit_code == 0, res.output
     assert "intruder dimensions" in res.output and "Scaling them to λ=" in res.output
+    assert "| addition | addition (chat template) |" in res.output and "through the model's chat template" in res.output
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert sweep["arguments"]["extra_columns"][0]["lm_eval"]["apply_chat_template"] is True
+    assert (out / "sweep" / "lm-eval" / "base").is_dir()
     for f in ["detect.json", "sweep/sweep.json", "sweep/tradeoff.png", "figures/similarity.png",
               "sweep/picked/model.safetensors", "sweep/picked/repair_report.json"]:
         assert (out / f).is_file(), f
