@@ -23,8 +23,8 @@ _TASK_KEY = re.compile(r"^task:\s*['\"]?([^'\"\s#]+)", re.MULTILINE)
 class EvalSettings:
     """lm-eval's evaluation flags, with lm-eval's meanings, passed to ``simple_evaluate`` as its CLI passes them.
 
-    A flag left at ``None`` is not passed, so lm-eval's own default holds (``fewshot_as_multiturn`` follows
-    ``apply_chat_template`` in lm-eval >= 0.4.9, as ``lm_eval --apply_chat_template`` does).
+    A flag left at ``None`` takes the value lm-eval's CLI gives it (``fewshot_as_multiturn``: on with
+    ``apply_chat_template``, as ``lm_eval --apply_chat_template`` does, else None).
     """
 
     num_fewshot: int | None = None
@@ -35,28 +35,38 @@ class EvalSettings:
     log_samples: bool = False  # keep lm-eval's per-sample records (written beside the results JSON)
 
     def kwargs(self) -> dict[str, object]:
-        out: dict[str, object] = {"num_fewshot": self.num_fewshot, "gen_kwargs": self.gen_kwargs,
-                                  "fewshot_as_multiturn": self.fewshot_as_multiturn}
-        out = {k: v for k, v in out.items() if v is not None}
+        # lm-eval's CLI: multi-turn few-shot is on with the chat template unless turned off, None without it
+        multiturn = self.fewshot_as_multiturn
+        out: dict[str, object] = {"fewshot_as_multiturn": (True if self.apply_chat_template else None)
+                                  if multiturn is None else multiturn}
+        if self.num_fewshot is not None:
+            out["num_fewshot"] = self.num_fewshot
+        if self.gen_kwargs is not None:
+            out["gen_kwargs"] = parse_gen_kwargs(self.gen_kwargs)
         if self.apply_chat_template:
             out["apply_chat_template"] = True
         if self.seed is not None:
             out |= {f"{k}_seed": self.seed for k in ("random", "numpy_random", "torch_random", "fewshot_random")}
-        return out | {"log_samples": self.log_samples}
+        out |= {"log_samples": self.log_samples}
+        accepted = _simple_evaluate_parameters()
+        return {k: v for k, v in out.items() if k in accepted or v is not None}  # unset and unknown: not passed
 
     def validate(self) -> None:
         """Usage errors: negative few-shot counts, multi-turn few-shot without the chat template, and flags the
         installed lm-eval does not take (named with its version)."""
-        import inspect
-
         import lm_eval
 
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise RepairError(f"--num-fewshot: expected an integer >= 0, got {self.num_fewshot}.")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise RepairError("--fewshot-as-multiturn: needs --apply-chat-template, as in lm-eval.")
-        accepted = inspect.signature(lm_eval.simple_evaluate).parameters
-        for name in sorted(set(self.kwargs()) - set(accepted)):
+        if self.gen_kwargs is not None:
+            try:
+                parse_gen_kwargs(self.gen_kwargs)
+            except ValueError as e:
+                raise RepairError(f"--gen-kwargs: expected key=value pairs or a JSON object, as lm-eval's "
+                                  f"--gen_kwargs takes ({e}).") from e
+        for name in sorted(set(self.kwargs()) - _simple_evaluate_parameters()):
             flag = "--seed" if name.endswith("_seed") else f"--{name.replace('_', '-')}"
             raise RepairError(f"{flag}: the installed lm-eval {lm_eval.__version__} does not support it; "
                               "upgrade lm-eval or drop the flag.")
@@ -64,6 +74,26 @@ class EvalSettings:
     def record(self) -> dict[str, object]:
         """The settings as the reports record them."""
         return dataclasses.asdict(self)
+
+
+def _simple_evaluate_parameters() -> set[str]:
+    import inspect
+
+    import lm_eval
+
+    return set(inspect.signature(lm_eval.simple_evaluate).parameters)
+
+
+def parse_gen_kwargs(text: str) -> dict | str:
+    """``--gen-kwargs`` as lm-eval's CLI parses ``--gen_kwargs`` (a JSON object, or ``k=v`` pairs split at
+    top-level commas with literal values, e.g. ``until=["\\n\\n","Q:"]``), with lm-eval's own parser; an lm-eval
+    without it gets the string, which ``simple_evaluate`` parses itself."""
+    try:
+        from lm_eval._cli.utils import key_val_to_dict, try_parse_json
+    except ImportError:
+        return text
+    parsed = try_parse_json(text)
+    return parsed if isinstance(parsed, dict) else key_val_to_dict(text)
 
 
 @dataclass(frozen=True)
@@ -74,14 +104,20 @@ class TaskScore:
     stderr: float | None
 
 
-def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
-    """``(folder to include, task name)``: a local YAML path registers its folder; anything else is a name."""
+def task_yaml(spec: str) -> Path | None:
+    """The task YAML a spec names: a shipped task (materialised with its data path), a ``.yaml`` path, or None
+    for a registered lm-eval task name."""
     from .taskgen import materialize_task, shipped_task_names
 
     if spec in shipped_task_names():  # the project's own offline tasks, by name
-        spec = str(materialize_task(spec))
-    path = Path(spec)
-    if path.suffix not in (".yaml", ".yml"):
+        return materialize_task(spec)
+    return Path(spec) if Path(spec).suffix in (".yaml", ".yml") else None
+
+
+def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
+    """``(folder to include, task name)``: a local YAML path registers its folder; anything else is a name."""
+    path = task_yaml(spec)
+    if path is None:
         return None, spec
     if not path.is_file():
         raise RepairError(f"{what} {spec}: no such task YAML file.")
@@ -94,7 +130,11 @@ def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
 def task_manager_for(spec: str, what: str = "--task"):
     """``(TaskManager, task name)`` for one task spec."""
     folder, name = task_location(spec, what)
-    return task_manager((folder,) if folder else ()), name
+    tm = task_manager((folder,) if folder else ())
+    if folder and name not in tm.all_tasks:  # a YAML written after its folder was indexed in this process
+        task_manager.cache_clear()
+        tm = task_manager((folder,))
+    return tm, name
 
 
 @functools.lru_cache(maxsize=16)
@@ -107,12 +147,16 @@ def task_manager(include_paths: tuple[str, ...]):
 
 
 def _pick_metric(task: str, results: dict) -> TaskScore:
+    """The first metric of ``METRIC_PREFERENCE`` lm-eval reported, unfiltered if it can be, else under the first
+    filter the task lists (``exact_match,strict-match`` for gsm8k-style generation tasks)."""
     for metric in METRIC_PREFERENCE:
-        key = f"{metric},none"
-        if key in results:
-            stderr = results.get(f"{metric}_stderr,none")
-            return TaskScore(task, metric, float(results[key]),
-                             float(stderr) if isinstance(stderr, int | float) else None)
+        filters = [k.partition(",")[2] for k in results if k.partition(",")[0] == metric]
+        if not filters:
+            continue
+        flt = "none" if "none" in filters else filters[0]
+        stderr = results.get(f"{metric}_stderr,{flt}")
+        return TaskScore(task, metric if flt == "none" else f"{metric},{flt}", float(results[f"{metric},{flt}"]),
+                         float(stderr) if isinstance(stderr, int | float) else None)
     raise RepairError(f"--task {task}: lm-eval reported none of the metrics {', '.join(METRIC_PREFERENCE)}.")
 
 
@@ -176,6 +220,21 @@ def check_columns(columns: list[TaskColumn], what: str = "--task") -> list[str]:
     for c in columns:
         c.settings.validate()
     return names
+
+
+def columns_fingerprint(columns: list[TaskColumn]) -> list:
+    """What a cached score depends on besides the model: lm-eval's version, each column's flags and task, and
+    the text of a local task YAML."""
+    import hashlib
+
+    import lm_eval
+
+    out: list = [lm_eval.__version__]
+    for c in columns:
+        name, yaml = task_location(c.spec)[1], task_yaml(c.spec)
+        text = yaml.read_bytes() if yaml is not None else b""
+        out.append([c.label or name, name, c.settings.record(), hashlib.sha256(text).hexdigest()])
+    return out
 
 
 def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, record=None,

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import json
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .forgetting import forgetting
 from .lmeval_files import LM_EVAL_DIR, lm_eval_record
 from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
 from .results import Score, SweepReport
+from .sweeper import PICKED_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +72,40 @@ def _corpus(spec: str, base: str | None, placement: Placement | None, chat: bool
     return docs
 
 
-def expand_sweep_folders(models: list[str], base: str | None) -> tuple[list[tuple[str, str | None]], str | None]:
-    """``[(model, label)]`` with each sweep folder (one holding ``sweep.json``) replaced by its base, tuned and
-    picked checkpoint; ``--base`` defaults to the sweep's base."""
-    out: list[tuple[str, str | None]] = []
+@dataclass(frozen=True)
+class _Entry:
+    ref: str
+    label: str | None = None
+    base: str | None = None  # the base of a sweep folder's models (LoRA adapters are merged onto it)
+
+
+def expand_sweep_folders(models: list[str], base: str | None) -> tuple[list[_Entry], str | None]:
+    """Each sweep folder (one holding ``sweep.json``) replaced by its base, tuned and picked checkpoint, merged
+    onto that sweep's base; and the base for forgetting samples: ``--base``, else the sweeps' common base."""
+    out: list[_Entry] = []
+    bases: set[str] = set()
     for ref in models:
         report = Path(ref) / "sweep.json"
         if not report.is_file():
-            out.append((ref, None))
+            out.append(_Entry(ref, None, base))
             continue
         try:
             data = SweepReport.model_validate_json(report.read_text())
         except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
             raise RepairError(f"{report}: not a sweep report this version reads ({type(e).__name__}).") from e
-        base = base or str(data.arguments["base"])
-        out += [(str(data.arguments["base"]), "base"), (str(data.arguments["tuned"]), "tuned")]
-        if data.pick is not None and data.pick.checkpoint:
-            out.append((data.pick.checkpoint, f"picked λ={data.pick.scale:g}"))
+        sweep_base = str(data.arguments["base"])
+        bases.add(sweep_base)
+        out += [_Entry(sweep_base, "base"), _Entry(str(data.arguments["tuned"]), "tuned", sweep_base)]
+        picked = Path(ref) / PICKED_DIR  # the folder next to sweep.json, wherever the sweep ran from
+        if data.pick is not None and data.pick.checkpoint and picked.is_dir():
+            out.append(_Entry(str(picked), f"picked λ={data.pick.scale:g}", sweep_base))
         else:
             logger.warning("%s: the sweep wrote no picked checkpoint (--pick with --write-picked); comparing base "
                            "and tuned", ref)
-    return out, base
+    if base is None and len(bases) > 1:
+        raise RepairError(f"MODELS: the sweep folders have different bases ({', '.join(sorted(bases))}); pass --base "
+                          "for the forgetting samples.")
+    return out, base or next(iter(bases), None)
 
 
 def run_compare(models: list[str], tasks: list[str], limit: int | None = None, base: str | None = None,
@@ -106,6 +121,8 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
         raise RepairError("repair compare: expected at least one MODEL and one task in --tasks.")
     check_batch_size(batch_size)
     settings = settings or EvalSettings()
+    if settings.log_samples and out is None:
+        raise RepairError("--log-samples: needs --out, the folder lm-eval's sample files are written to.")
     columns = [TaskColumn(t, settings) for t in tasks]
     names = check_columns(columns, "--tasks")
     entries, base = expand_sweep_folders(models, base)
@@ -113,8 +130,7 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
         raise RepairError(f"--forgetting {forgetting_spec}: needs --base, the model whose own samples measure "
                           "forgetting.")
     docs = _corpus(forgetting_spec, base, placement, settings.apply_chat_template) if forgetting_spec else None
-    rows = [_row(i, ref, label, columns, limit, base, docs, out, batch_size, placement)
-            for i, (ref, label) in enumerate(entries)]
+    rows = [_row(i, e, columns, limit, docs, out, batch_size, placement) for i, e in enumerate(entries)]
     report = CompareReport(tasks=names, limit=limit, lm_eval=settings.record(), forgetting=forgetting_spec, rows=rows)
     if out is not None:
         write_text_atomic(out / "compare.json", json.dumps(report.model_dump(), indent=2) + "\n")
@@ -122,12 +138,13 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
     return report
 
 
-def _row(i: int, ref: str, label: str | None, columns: list[TaskColumn], limit: int | None, base: str | None,
-         docs: list[str] | None, out: Path | None, batch_size: int | str, placement: Placement | None) -> CompareRow:
+def _row(i: int, entry: _Entry, columns: list[TaskColumn], limit: int | None, docs: list[str] | None,
+         out: Path | None, batch_size: int | str, placement: Placement | None) -> CompareRow:
     """One model: its scores (lm-eval's files under ``out``) and forgetting, then freed."""
-    model, tok, _ = load_model(ref, base, placement)
+    ref, label = entry.ref, entry.label
+    model, tok, _ = load_model(ref, entry.base, placement)
     lm = make_lm(model, tok, batch_size)
-    folder = f"{i}-{(label or Path(ref).name).split()[0]}"
+    folder = f"{i}-{(label or Path(ref).resolve().name or 'model').split()[0]}"
     record = lm_eval_record(out / LM_EVAL_DIR / folder) if out is not None else None
     with record or contextlib.nullcontext() as rec:
         scores = evaluate_columns(lm, columns, limit, rec, model_args=f"pretrained={ref}")

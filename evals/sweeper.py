@@ -20,7 +20,7 @@ from repair.inplace import InPlacePatcher
 from repair.plan import check_scale
 from repair.writer import check_output_dir
 
-from .accuracy import EvalSettings, TaskColumn, check_columns, evaluate_columns, make_lm
+from .accuracy import EvalSettings, TaskColumn, check_columns, columns_fingerprint, evaluate_columns, make_lm
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
@@ -38,6 +38,7 @@ from .results import (
 )
 
 logger = logging.getLogger(__name__)
+PICKED_DIR = "picked"  # --write-picked writes DIR/picked
 _PICK = re.compile(r"^max-acc-drop=(\d*\.?\d+)(?::(.+))?$")
 
 
@@ -197,17 +198,21 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
 def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
     opts.validate()
-    if opts.write_picked:  # before any work: a refused output folder must not cost a whole sweep
-        check_output_dir(opts.out / PICKED_DIR, [], opts.overwrite)
     names = check_columns(opts.columns)  # an unknown task is a sentence before any model is loaded
     if opts.pick and (task := pick_bound(opts.pick)[1]) is not None and task not in names:
         raise RepairError(f"--pick {opts.pick}: {task!r} is not one of the swept tasks ({', '.join(names)}).")
     src = opts.detect.pairs(base, tuned)
+    if opts.write_picked:  # before any work: a refused output folder must not cost a whole sweep
+        check_output_dir(opts.out / PICKED_DIR, [src.base_source.path, src.tuned_source.path], opts.overwrite)
+        if opts.dtype != "auto":
+            logger.warning("--dtype %s: the sweep measures the model in %s, but --write-picked writes the "
+                           "checkpoint's own dtype", opts.dtype, opts.dtype)
     model, tok, base_src = load_model(base, placement=opts.placement)
     docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)),
                        chat=opts.eval.apply_chat_template)
     args = _arguments(base, tuned, opts)
-    key = [__version__, args, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs]
+    key = [__version__, args, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs,
+           columns_fingerprint(opts.columns)]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts, base, tuned)
     base_point = cache.get("base") or cache.put(ev.measure("base", None, 0))
@@ -235,9 +240,6 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
             report.pick.checkpoint = str(_write_picked(base, tuned, opts, patcher, report.pick.scale, fingerprint))
     _write_outputs(report, opts.out)
     return report
-
-
-PICKED_DIR = "picked"
 
 
 def _write_picked(base: str, tuned: str, opts: SweepOptions, patcher: InPlacePatcher, scale: float,

@@ -268,3 +268,46 @@ def test_base_samples_are_drawn_through_the_chat_template(chat_base, tmp_path, m
                          num_return_sequences=4, pad_token_id=tok.eos_token_id)
     expected = [d for d in tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True) if d.strip()]
     assert chat == expected
+
+
+def test_gen_kwargs_are_parsed_as_lm_eval_parses_them(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
+    """--gen-kwargs with a list value reaches a generate_until task as lm-eval's CLI would pass it (a list of stop
+    strings, not the text of one), per the samples lm-eval records; a malformed value is a sentence."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    yaml = mc_task.parent / "tiny_gen.yaml"
+    yaml.write_text(mc_task.read_text().replace("task: tiny_add", "task: tiny_gen")
+                    .replace("output_type: multiple_choice", "output_type: generate_until")
+                    .replace("doc_to_choice: '{{choices}}'\ndoc_to_target: answer", "doc_to_target: '{{choices[0]}}'")
+                    .replace("metric: acc", "metric: exact_match"))
+    res = sweep(llama_base, llama_adapter, corpus_file, tmp_path / "sw", "--task", str(yaml), "--scales", "1",
+                "--limit", "3", "--log-samples", "--gen-kwargs", 'until=["=","\\n"],max_gen_toks=4')
+    assert res.exit_code == 0, res.output
+    (samples,) = (tmp_path / "sw" / "lm-eval" / "base").glob("*/samples_tiny_gen_*.jsonl")
+    ours = [json.loads(line)["arguments"]["gen_args_0"]["arg_1"] for line in samples.read_text().splitlines()]
+    lm = HFLM(pretrained=str(llama_base), device="cpu", batch_size=8)
+    ref = simple_evaluate(model=lm, tasks=["tiny_gen"], limit=3, log_samples=True,
+                          gen_kwargs={"until": ["=", "\n"], "max_gen_toks": 4},
+                          task_manager=TaskManager(include_path=str(yaml.parent)))
+    assert ours == [s["arguments"][0][1] for s in ref["samples"]["tiny_gen"]]
+    assert ours[0]["until"] == ["=", "\n"] and ours[0]["max_gen_toks"] == 4
+    bad = sweep(llama_base, llama_adapter, corpus_file, tmp_path / "bad", "--task", str(yaml), "--gen-kwargs", "x")
+    assert bad.exit_code == 2 and "--gen-kwargs: expected key=value pairs" in bad.output
+
+
+def test_metric_under_a_filter_is_read():
+    """gsm8k-style results (metrics only under named filters) give the first filter's metric and stderr."""
+    from evals.accuracy import _pick_metric
+
+    results = {"alias": "g", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05,
+               "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": 0.06}
+    score = _pick_metric("g", results)
+    assert (score.metric, score.value, score.stderr) == ("exact_match,strict-match", 0.25, 0.05)
+    assert _pick_metric("t", {"acc,none": 0.3, "acc_stderr,none": "N/A"}).stderr is None
+
+
+def test_compare_log_samples_needs_out(llama_base, mc_task):
+    res = CliRunner().invoke(main, ["compare", str(llama_base), "--tasks", str(mc_task), "--log-samples"])
+    assert res.exit_code == 2 and "--log-samples: needs --out" in res.output
