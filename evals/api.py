@@ -13,7 +13,8 @@ from repair.api import detect_options
 
 def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
           tasks: Sequence[str] = (), forgetting: str = "base-samples", limit: int | None = None,
-          pick: str | None = None, write_picked: bool = False, overwrite: bool = False, batch_size: int | str = 8,
+          pick: str | None = None, write_picked: bool = False, overwrite: bool = False,
+          control: str = "matched", per_matrix: int | None = None, batch_size: int | str = 8,
           allow_amplify: bool = False, dtype: str = "auto", device_map: str | None = None,
           num_fewshot: int | None = None, apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
           gen_kwargs: str | None = None, seed: int | None = None, log_samples: bool = False,
@@ -24,7 +25,8 @@ def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] =
 
     settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
     opts = SweepOptions(out=Path(out), scales=tuple(scales), tasks=_tasks(tasks), forgetting=forgetting,
-                        limit=limit, pick=pick, write_picked=write_picked, overwrite=overwrite, batch_size=batch_size,
+                        limit=limit, pick=pick, write_picked=write_picked, overwrite=overwrite, control=control,
+                        per_matrix=per_matrix, batch_size=batch_size,
                         allow_amplify=allow_amplify, detect=detect_options(options), dtype=dtype,
                         device_map=device_map, eval=settings)
     return run_sweep(str(base), str(tuned), opts)

@@ -7,7 +7,7 @@ paper): pseudo-log-likelihood (Salazar et al., 2020), masking one token at a tim
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,8 @@ class ForgettingScore:
     tokens: int
     documents: int
     kind: str  # "nll" or "pseudo-nll"
+    doc_nll: list[float] = field(default_factory=list)  # each scored document's summed NLL (nats)
+    doc_tokens: list[int] = field(default_factory=list)  # and its number of scored tokens
 
 
 def context_length(model, tok) -> int:
@@ -39,6 +41,8 @@ def causal_nll(model, tok, docs: list[str], batch_size: int = 8) -> ForgettingSc
     """Token-weighted mean NLL over documents, batched with right padding (each scored independently)."""
     seqs = [s for s in encode(tok, docs, context_length(model, tok)) if len(s) >= 2]
     total, count = 0.0, 0
+    doc_nll: list[float] = []
+    doc_tokens: list[int] = []
     dev = next(model.parameters()).device
     for i in tqdm(range(0, len(seqs), batch_size), desc="forgetting", unit="batch", disable=None):
         chunk = seqs[i:i + batch_size]
@@ -50,9 +54,12 @@ def causal_nll(model, tok, docs: list[str], batch_size: int = 8) -> ForgettingSc
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float()  # (b, t, V)
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(dev), reduction="none")  # (b, t-1)
         keep = mask[:, 1:].to(dev).bool()
-        total += float(nll[keep].double().sum())
+        per_doc = (nll.double() * keep).sum(1)  # (b,)
+        doc_nll += per_doc.tolist()
+        doc_tokens += keep.sum(1).tolist()
+        total += float(per_doc.sum())
         count += int(keep.sum())
-    return ForgettingScore(total / max(count, 1), count, len(seqs), "nll")
+    return ForgettingScore(total / max(count, 1), count, len(seqs), "nll", doc_nll, doc_tokens)
 
 
 @torch.no_grad()
@@ -61,26 +68,36 @@ def pseudo_nll(model, tok, docs: list[str], batch_size: int = 32) -> ForgettingS
     special = set(tok.all_special_ids)
     total, count = 0.0, 0
     dev = next(model.parameters()).device
+    doc_nll: list[float] = []
     for ids in tqdm(encode(tok, docs, context_length(model, tok)), desc="pseudo-LL", unit="doc", disable=None):
         positions = [i for i, t in enumerate(ids) if t not in special]
         seq = torch.tensor(ids)
+        doc = 0.0
         for k in range(0, len(positions), batch_size):
             pos = torch.tensor(positions[k:k + batch_size])
             batch = seq.repeat(len(pos), 1)
             batch[torch.arange(len(pos)), pos] = tok.mask_token_id
             logp = model(input_ids=batch.to(dev)).logits.float().log_softmax(-1)  # (b, t, V)
-            total -= float(logp[torch.arange(len(pos)), pos, seq[pos]].double().sum())
+            doc -= float(logp[torch.arange(len(pos)), pos, seq[pos]].double().sum())
+        doc_nll.append(doc)
+        total += doc
         count += len(positions)
-    return ForgettingScore(total / max(count, 1), count, len(docs), "pseudo-nll")
+    tokens = [sum(t not in special for t in ids) for ids in encode(tok, docs, context_length(model, tok))]
+    return ForgettingScore(total / max(count, 1), count, len(docs), "pseudo-nll", doc_nll, tokens)
+
+
+def document_tokens(model, tok, docs: list[str]) -> list[int]:
+    """Scored tokens of each scored document, in the order the forgetting score lists them."""
+    seqs = encode(tok, docs, context_length(model, tok))
+    if is_masked_lm(model):
+        special = set(tok.all_special_ids)
+        return [sum(t not in special for t in s) for s in seqs]
+    return [len(s) - 1 for s in seqs if len(s) >= 2]
 
 
 def scored_tokens(model, tok, docs: list[str]) -> int:
     """How many tokens the forgetting score averages over."""
-    seqs = encode(tok, docs, context_length(model, tok))
-    if is_masked_lm(model):
-        special = set(tok.all_special_ids)
-        return sum(t not in special for s in seqs for t in s)
-    return sum(len(s) - 1 for s in seqs if len(s) >= 2)
+    return sum(document_tokens(model, tok, docs))
 
 
 def kind(model) -> str:

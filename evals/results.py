@@ -45,6 +45,12 @@ class SweepPoint(BaseModel):
     forgetting_delta: float = Field(description="forgetting_nll minus the base model's")
     intruders: int = Field(description="intruder dimensions left among the top k of each matrix")
     seconds: float = 0.0
+    forgetting_stderr: float | None = Field(None, description="standard error of forgetting_nll (documents)")
+    forgetting_removed: float | None = Field(
+        None, description="share of the fine-tune's forgetting removed: (NLL_tuned - NLL) / (NLL_tuned - NLL_base)")
+    forgetting_removed_stderr: float | None = None
+    frobenius_removed: float | None = Field(None, description="Σ over matrices of ‖W_tuned‖_F² - ‖W'‖_F²")
+    doc_nll: list[float] = Field(default_factory=list, description="summed NLL of each corpus document")
 
 
 class Pick(BaseModel):
@@ -55,6 +61,28 @@ class Pick(BaseModel):
     forgetting_recovered: float | None = Field(
         None, description="fraction of the tuned model's forgetting (vs base) removed at this λ")
     checkpoint: str | None = None
+
+
+class ControlComparison(BaseModel):
+    """Intruder edit against the control edit at one λ, paired on the corpus documents."""
+
+    scale: float
+    intruder_removed: float | None
+    intruder_removed_stderr: float | None
+    control_removed: float | None
+    control_removed_stderr: float | None
+    difference: float = Field(description="forgetting NLL of the control minus that of the intruder edit")
+    difference_stderr: float | None
+    beyond_two_stderr: bool = Field(description="|difference| > 2 standard errors")
+    frobenius_ratio: float | None = Field(None, description="Frobenius mass the control removed over the repair's")
+
+
+class ControlReport(BaseModel):
+    kind: str  # neighbour or matched
+    directions: dict[str, list[dict[str, float]]] = Field(
+        description="per matrix: intruder and control ranks and their σ")
+    points: list[SweepPoint]
+    comparisons: list[ControlComparison] = Field(default_factory=list)
 
 
 class SweepReport(BaseModel):
@@ -71,13 +99,22 @@ class SweepReport(BaseModel):
     tuned: SweepPoint
     points: list[SweepPoint]
     pick: Pick | None = None
+    per_matrix: int | None = Field(None, description="only the N top-ranked intruders of each matrix were scaled")
+    doc_tokens: list[int] = Field(default_factory=list, description="scored tokens of each corpus document")
+    control: ControlReport | None = None
 
 
-CSV_FIELDS = ["label", "scale", "accuracy", "accuracy_stderr", "forgetting_nll", "forgetting_delta", "intruders"]
+CSV_FIELDS = ["label", "scale", "accuracy", "accuracy_stderr", "forgetting_nll", "forgetting_stderr",
+              "forgetting_delta", "forgetting_removed", "forgetting_removed_stderr", "frobenius_removed", "intruders"]
 
 
 def _tasks(report: SweepReport) -> list[str]:
     return list(report.tuned.scores)
+
+
+def all_points(report: SweepReport) -> list[SweepPoint]:
+    """Base, tuned, the intruder edits, then the control edits."""
+    return [report.base, report.tuned, *report.points, *(report.control.points if report.control else [])]
 
 
 def write_csv(report: SweepReport, path: Path) -> None:
@@ -87,7 +124,7 @@ def write_csv(report: SweepReport, path: Path) -> None:
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS + [f"{t}{x}" for t in tasks for x in ("", "_stderr")],
                        lineterminator="\n")
     w.writeheader()
-    for p in [report.base, report.tuned, *report.points]:
+    for p in all_points(report):
         row = {k: getattr(p, k) for k in CSV_FIELDS}
         for t in tasks:
             row |= {t: p.scores[t].value, f"{t}_stderr": p.scores[t].stderr}
@@ -99,17 +136,48 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _pct(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" + ("" if stderr is None else f" ± {100 * stderr:.1f}")
+
+
+def _removed(p: SweepPoint) -> str:
+    return _pct(p.forgetting_removed, p.forgetting_removed_stderr)
+
+
 def markdown_table(report: SweepReport) -> str:
-    """The points as a table; with several tasks, one accuracy column per task before the mean."""
+    """The points as a table (control edits after the intruder edits); with several tasks, one accuracy
+    column per task before the mean."""
     tasks = _tasks(report) if len(_tasks(report)) > 1 else []
     head = ["point", "λ", *tasks, "mean accuracy" if tasks else "accuracy", "± stderr", "forgetting NLL",
-            "Δ vs base", "intruders"]
+            "Δ vs base", "forgetting removed", "intruders"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in [report.base, report.tuned, *report.points]:
+    for p in all_points(report):
+        err = "" if p.forgetting_stderr is None else f" ± {p.forgetting_stderr:.4f}"
         cells = [p.label, _fmt(p.scale, "g"), *(_fmt(p.scores[t].value) for t in tasks), _fmt(p.accuracy),
-                 _fmt(p.accuracy_stderr), f"{p.forgetting_nll:.4f}", f"{p.forgetting_delta:+.4f}", str(p.intruders)]
+                 _fmt(p.accuracy_stderr), f"{p.forgetting_nll:.4f}{err}", f"{p.forgetting_delta:+.4f}", _removed(p),
+                 str(p.intruders)]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def control_verdict(report: SweepReport) -> str | None:
+    """One line: the intruder edit against the control at the strongest edit swept (the λ farthest from 1)."""
+    if report.control is None or not report.control.comparisons:
+        return None
+    c = max(report.control.comparisons, key=lambda c: abs(1 - c.scale))
+    err = "" if c.difference_stderr is None else f" ± {c.difference_stderr:.4f}"
+    if not c.beyond_two_stderr:
+        outcome = "within two standard errors: this sweep cannot tell the intruders from the control"
+    elif c.difference > 0:
+        outcome = "beyond two standard errors: scaling the intruders removes more forgetting than the control"
+    else:
+        outcome = "beyond two standard errors: the control removes more forgetting than scaling the intruders"
+    return (f"Against the {report.control.kind} control at λ={c.scale:g}: intruders remove "
+            f"{_pct(c.intruder_removed, c.intruder_removed_stderr)} of the forgetting, the control "
+            f"{_pct(c.control_removed, c.control_removed_stderr)}; control minus intruders {c.difference:+.4f}{err} "
+            f"nats/token, {outcome}.")
 
 
 def _panel(ax, report: SweepReport, task: str | None) -> None:
@@ -128,6 +196,10 @@ def _panel(ax, report: SweepReport, task: str | None) -> None:
     ax.plot([p.forgetting_nll for p in pts], [y(p) for p in pts], "o-", color="tab:blue", label="patched (λ)")
     for p in pts:
         ax.annotate(f"λ={p.scale:g}", (p.forgetting_nll, y(p)), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ctrl = sorted(report.control.points, key=lambda p: p.scale) if report.control else []
+    if ctrl:
+        ax.plot([p.forgetting_nll for p in ctrl], [y(p) for p in ctrl], "x--", color="tab:orange",
+                label=f"{report.control.kind} control (λ)")
     ax.plot(report.base.forgetting_nll, y(report.base), "*", ms=14, color="tab:green", label="base")
     ax.plot(report.tuned.forgetting_nll, y(report.tuned), "s", ms=9, color="tab:red", label="tuned (λ=1)",
             fillstyle="none")

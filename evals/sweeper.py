@@ -13,20 +13,23 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from repair import __version__
+from repair.controls import CONTROL_KINDS
 from repair.detector import DetectOptions
 from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.inplace import InPlacePatcher
-from repair.plan import check_scale
+from repair.plan import check_per_matrix, check_scale
 from repair.writer import check_output_dir
 
 from .accuracy import EvalSettings, TaskColumn, check_columns, columns_fingerprint, evaluate_columns, make_lm
+from .causal import annotate
 from .corpus import load_corpus
 from .forgetting import forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
 from .lmeval_files import LM_EVAL_DIR, lm_eval_record
 from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
 from .results import (
+    ControlReport,
     Pick,
     Score,
     SweepPoint,
@@ -57,6 +60,8 @@ class SweepOptions:
     dtype: str = "auto"  # the evaluated model's dtype (see evals.models.Placement)
     device_map: str | None = None  # "auto": accelerate spreads the model (chosen by itself when it does not fit)
     overwrite: bool = False  # --write-picked may replace a non-empty DIR/picked
+    control: str = "matched"  # control edits at each λ: matched, neighbour or none (see repair.controls)
+    per_matrix: int | None = None  # scale only the N top-ranked intruders of each matrix (N = 1: the paper's v2)
     eval: EvalSettings = field(default_factory=EvalSettings)  # lm-eval's flags (--num-fewshot, --seed, ...)
     extra_columns: tuple[TaskColumn, ...] = ()  # tasks run with flags of their own (the demo's chat-template pair)
 
@@ -85,6 +90,9 @@ class SweepOptions:
         if self.limit is not None and self.limit < 1:
             raise RepairError(f"--limit: expected a positive integer, got {self.limit}.")
         check_batch_size(self.batch_size)
+        if self.control not in CONTROL_KINDS:
+            raise RepairError(f"--control: expected one of {', '.join(CONTROL_KINDS)}, got {self.control!r}.")
+        check_per_matrix(self.per_matrix)
         self.eval.validate()
 
 
@@ -108,6 +116,7 @@ class _Evaluator:
         self.base_nll: float | None = None
         self.kind, self.tokens = forgetting_kind(model), scored_tokens(model, tok, docs)
         self.base, self.tuned = base, tuned
+        self.doc_tokens: list[int] = []
 
     def _scores(self, label: str, scale: float | None) -> dict[str, Score]:
         if self.lm is None:
@@ -118,15 +127,17 @@ class _Evaluator:
             scores = evaluate_columns(self.lm, self.columns, self.opts.limit, record, model_args=args)
         return {k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()}
 
-    def measure(self, label: str, scale: float | None, intruders: int) -> SweepPoint:
+    def measure(self, label: str, scale: float | None, intruders: int, frobenius: float | None = None) -> SweepPoint:
         t0 = time.perf_counter()
         f = forgetting(self.model, self.tok, self.docs, forgetting_batch(self.opts.batch_size))
+        self.doc_tokens = f.doc_tokens
         scores = self._scores(label, scale)
         mean = mean_score(scores)
         return SweepPoint(label=label, scale=scale, accuracy=mean and mean.value, accuracy_stderr=mean and mean.stderr,
                           metric=mean and mean.metric, scores=scores, forgetting_nll=f.nll,
                           forgetting_delta=f.nll - (f.nll if self.base_nll is None else self.base_nll),
-                          intruders=intruders, seconds=round(time.perf_counter() - t0, 2))
+                          intruders=intruders, seconds=round(time.perf_counter() - t0, 2), frobenius_removed=frobenius,
+                          doc_nll=f.doc_nll)
 
 
 class _PointCache:
@@ -190,7 +201,7 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
     return {"base": base, "tuned": tuned, "scales": list(opts.scales), "tasks": list(opts.tasks),
             "forgetting": opts.forgetting, "limit": opts.limit, "top_k": d.top_k, "epsilon": d.epsilon,
             "side": d.side, "modules": d.modules, "pick": opts.pick, "batch_size": opts.batch_size,
-            "dtype": opts.dtype, "lm_eval": opts.eval.record(),
+            "dtype": opts.dtype, "lm_eval": opts.eval.record(), "control": opts.control, "per_matrix": opts.per_matrix,
             "extra_columns": [{"task": c.spec, "label": c.label, "lm_eval": c.settings.record()}
                               for c in opts.extra_columns]}
 
@@ -217,7 +228,30 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts, base, tuned)
     base_point = cache.get("base") or cache.put(ev.measure("base", None, 0))
     ev.base_nll = base_point.forgetting_nll
-    patcher = InPlacePatcher(model, src, opts.detect)  # the one SVD pass; the model now holds TUNED
+    patcher = InPlacePatcher(model, src, opts.detect, opts.per_matrix, opts.control)  # the one SVD pass: TUNED now
+    done = _measure_scales(patcher, ev, cache, opts)
+    tuned_point = done[1.0].model_copy(update={"label": "tuned"})
+    report = SweepReport(
+        tool_version=__version__, arguments=args, fingerprint=fingerprint, forgetting_kind=ev.kind,
+        corpus_documents=len(docs), corpus_tokens=ev.tokens, total_intruders=patcher.total_intruders,
+        base=base_point, tuned=tuned_point, points=[done[s] for s in opts.scales], per_matrix=opts.per_matrix,
+        doc_tokens=ev.doc_tokens or _doc_tokens(model, tok, docs),
+    )
+    if opts.control != "none":
+        report.control = ControlReport(kind=opts.control, directions=patcher.control_record(),
+                                       points=_measure_controls(patcher, ev, cache, opts, done))
+    annotate(report)
+    if opts.pick:
+        report.pick = choose(report.points, tuned_point, base_point, opts.pick)
+        if opts.write_picked:
+            report.pick.checkpoint = str(_write_picked(base, tuned, opts, patcher, report.pick.scale, fingerprint))
+    _write_outputs(report, opts.out)
+    return report
+
+
+def _measure_scales(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache,
+                    opts: SweepOptions) -> dict[float, SweepPoint]:
+    """λ = 1 (the tuned model), then each λ: edit in place, measure, restore; finished points come from the cache."""
     done: dict[float, SweepPoint] = {}
     for scale in tqdm([1.0, *[s for s in opts.scales if s != 1.0]], desc="sweep", unit="λ", disable=None):
         point = cache.get(_label(scale))
@@ -225,21 +259,36 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
             point = cache.put(done[1.0].model_copy(update={"label": _label(scale), "scale": scale, "seconds": 0.0}))
         if point is None:
             patcher.apply(scale)
-            point = cache.put(ev.measure(_label(scale), scale, patcher.intruders_at(scale)))
+            point = cache.put(ev.measure(_label(scale), scale, patcher.intruders_at(scale),
+                                         patcher.frobenius_removed(scale)))
             patcher.restore()
         done[scale] = point
-    tuned_point = done[1.0].model_copy(update={"label": "tuned"})
-    report = SweepReport(
-        tool_version=__version__, arguments=args, fingerprint=fingerprint, forgetting_kind=ev.kind,
-        corpus_documents=len(docs), corpus_tokens=ev.tokens, total_intruders=patcher.total_intruders,
-        base=base_point, tuned=tuned_point, points=[done[s] for s in opts.scales],
-    )
-    if opts.pick:
-        report.pick = choose(report.points, tuned_point, base_point, opts.pick)
-        if opts.write_picked:
-            report.pick.checkpoint = str(_write_picked(base, tuned, opts, patcher, report.pick.scale, fingerprint))
-    _write_outputs(report, opts.out)
-    return report
+    return done
+
+
+def _measure_controls(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache, opts: SweepOptions,
+                      done: dict[float, SweepPoint]) -> list[SweepPoint]:
+    """The control edit at each λ ≠ 1 (λ = 1 is the tuned model for both series)."""
+    points = []
+    for scale in tqdm([s for s in opts.scales if s != 1.0], desc="control", unit="λ", disable=None):
+        label = f"control={scale:g}"
+        point = cache.get(label)
+        if point is None and not patcher.entries:
+            point = cache.put(done[1.0].model_copy(update={"label": label, "scale": scale, "seconds": 0.0}))
+        if point is None:
+            patcher.apply(scale, control=True)
+            point = cache.put(ev.measure(label, scale, patcher.intruders_at(scale, control=True),
+                                         patcher.frobenius_removed(scale, control=True)))
+            patcher.restore()
+        points.append(point)
+    return points
+
+
+def _doc_tokens(model, tok, docs: list[str]) -> list[int]:
+    """Scored tokens per document when every point came from the cache (no forgetting pass ran)."""
+    from .forgetting import document_tokens
+
+    return document_tokens(model, tok, docs)
 
 
 def _write_picked(base: str, tuned: str, opts: SweepOptions, patcher: InPlacePatcher, scale: float,

@@ -58,14 +58,14 @@ def detect(base: str, tuned: str, **options: Unpack[DetectKwargs]) -> DetectionR
 
 def patch(base: str, tuned: str, scale: float, out: str | Path, *, format: Literal["merged", "adapter"] = "merged",
           max_shard_size: int = 5 * 10**9, plan: str | Path | None = None, allow_amplify: bool = False,
-          overwrite: bool = False, **options: Unpack[DetectKwargs]) -> PatchReport:
+          overwrite: bool = False, per_matrix: int | None = None, **options: Unpack[DetectKwargs]) -> PatchReport:
     """Rescale the intruders of ``tuned`` by ``scale`` and write the checkpoint to ``out``: ``repair patch``."""
     from .patcher import PatchOptions
     from .patcher import patch as run
 
     opts = PatchOptions(out=Path(out), scale=scale, detect=detect_options(options), format=format,
                         max_shard_size=max_shard_size, plan=Path(plan) if plan is not None else None,
-                        allow_amplify=allow_amplify, overwrite=overwrite)
+                        allow_amplify=allow_amplify, overwrite=overwrite, per_matrix=per_matrix)
     return run(str(base), str(tuned), opts)
 
 

@@ -104,8 +104,10 @@ def _detect_options(f):
 @click.option("--worst", default=10, show_default=True, type=int, help="Matrices listed in the table.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an editable patch plan for `repair patch --plan`.")
+@click.option("--per-matrix", type=int, default=None,
+              help="With --plan-out: plan only the N top-ranked intruders of each matrix (1: the paper's NeurIPS setting).")
 @_handle_errors
-def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out):
+def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out, per_matrix):
     """Find intruder dimensions of TUNED (a LoRA adapter or a full checkpoint) against BASE.
 
     BASE and TUNED are local folders, hub ids, or an embedded model name (smollm2-135m).
@@ -119,9 +121,10 @@ def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out):
         report.write_json(json_path)
         click.echo(f"\nReport written to {json_path}")
     if plan_out is not None:
-        from .plan import Plan
+        from .plan import Plan, check_per_matrix
 
-        Plan.from_report(report).write(plan_out)
+        check_per_matrix(per_matrix)
+        Plan.from_report(report, per_matrix).write(plan_out)
         click.echo(f"Plan written to {plan_out}")
     if fail_above is not None and report.total_intruders > fail_above:
         click.echo(f"{report.total_intruders} intruders exceed --fail-above {fail_above}.", err=True)
@@ -141,8 +144,10 @@ def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out):
               help="Apply a plan from `repair detect --plan-out` instead of detecting.")
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--per-matrix", type=int, default=None,
+              help="Scale only the N top-ranked intruders of each matrix (1: the paper's NeurIPS setting).")
 @_handle_errors
-def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow_amplify, overwrite):
+def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow_amplify, overwrite, per_matrix):
     """Rescale the intruder singular values of TUNED and write a patched checkpoint to --out.
 
     W' = W_tuned + sum over intruders of (λ - 1) σ u vᵀ, from the SVD of W_tuned.
@@ -153,7 +158,7 @@ def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow
 
     opts = PatchOptions(
         out=out, scale=scale, format=fmt, max_shard_size=parse_size(max_shard_size), plan=plan,
-        allow_amplify=allow_amplify, overwrite=overwrite, detect=detect_opts,
+        allow_amplify=allow_amplify, overwrite=overwrite, detect=detect_opts, per_matrix=per_matrix,
     )
     report = run_patch(base, tuned, opts)
     click.echo(f"Patched {report.patched_matrices} of {report.examined_matrices} matrices "
@@ -227,6 +232,11 @@ def _eval_options(f):
 @click.option("--write-picked", is_flag=True,
               help="Also write the merged checkpoint at the picked λ: the weights the sweep measured.")
 @click.option("--overwrite", is_flag=True, help="Let --write-picked replace a non-empty DIR/picked.")
+@click.option("--control", default="matched", show_default=True, type=click.Choice(["matched", "neighbour", "none"]),
+              help="Also scale, at each λ, control directions instead of the intruders: the non-intruder of "
+                   "closest σ removing the same Frobenius mass (matched), or the next in rank (neighbour).")
+@click.option("--per-matrix", type=int, default=None,
+              help="Scale only the N top-ranked intruders of each matrix (1: the paper's NeurIPS setting).")
 @click.option("--batch-size", default="8", show_default=True, callback=_batch_size,
               help="Documents per forward pass, or auto (lm-eval's detection; forgetting then uses 8).")
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
@@ -238,17 +248,20 @@ def _eval_options(f):
 @_eval_options
 @_detect_options
 @_handle_errors
-def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked, overwrite, batch_size, allow_amplify,
-          dtype, device_map, detect_opts, eval_settings):
+def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked, overwrite, control, per_matrix,
+          batch_size, allow_amplify, dtype, device_map, detect_opts, eval_settings):
     """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
-    from evals.results import markdown_table
+    from evals.results import control_verdict, markdown_table
     from evals.sweeper import SweepOptions, run_sweep
 
     opts = SweepOptions(out=out, scales=scales, tasks=tasks, forgetting=forgetting, limit=limit, pick=pick,
-                        write_picked=write_picked, overwrite=overwrite, batch_size=batch_size,
-                        allow_amplify=allow_amplify, detect=detect_opts, dtype=dtype, device_map=device_map, eval=eval_settings)
+                        write_picked=write_picked, overwrite=overwrite, control=control, per_matrix=per_matrix,
+                        batch_size=batch_size, allow_amplify=allow_amplify, detect=detect_opts, dtype=dtype,
+                        device_map=device_map, eval=eval_settings)
     report = run_sweep(base, tuned, opts)
     click.echo(markdown_table(report))
+    if (verdict := control_verdict(report)) is not None:
+        click.echo("\n" + verdict)
     if report.pick is not None:
         click.echo(f"\nPicked λ={report.pick.scale:g} ({report.pick.rule}): accuracy drop "
                    f"{report.pick.accuracy_drop:+.4f}" + (f", checkpoint {report.pick.checkpoint}"

@@ -65,7 +65,7 @@ def run_demo(out: Path, retrain: bool = False, limit: int | None = 200) -> DemoR
     (out / "detect.txt").write_text(render_table(detection) + "\n")
     sweep = run_sweep(BASE, adapter_ref, SweepOptions(
         out=out / "sweep", scales=SCALES, tasks=(TASK,), forgetting="base-samples", limit=limit, pick=PICK,
-        write_picked=True, overwrite=True,
+        write_picked=True, overwrite=True, control="none",  # the controls: recipes/README.md
         extra_columns=(TaskColumn(TASK, EvalSettings(apply_chat_template=True), label=CHAT_COLUMN),)))
     history = adapter.parent / "intruders.json" if retrain else None  # the monitor's record of the retraining
     figures = make_figures(BASE, adapter_ref, out / "figures", k_max=30, history=history)

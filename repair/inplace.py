@@ -6,11 +6,13 @@ keeps its small correction factors, and ``apply(λ)`` / ``restore()`` edit the p
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from .controls import ControlKind, ControlPair, choose_controls, control_factors, spill_order
 from .detector import DetectOptions, analyse, decisive
 from .editor import MatrixPatch, make_patch
 from .errors import CheckpointError
@@ -29,13 +31,18 @@ class _Entry:
     patch: MatrixPatch  # intruders with scale 0: only U, σ, Vh are used
     spectrum: torch.Tensor  # (2k,) the leading singular values of W_tuned
     intruder_mask: torch.Tensor  # (2k,) max|cos| < ε for each of them
+    controls: list[ControlPair]  # one control direction per edited intruder (empty without a control)
+    spill: list[int]  # further non-intruders the matched control may use, largest σ first
+    control_patch: MatrixPatch | None  # U, σ, Vh of the paired control directions, then of the spill ones
 
 
 class InPlacePatcher:
-    """Loads TUNED into ``model`` (built from BASE) and rescales its intruders in place."""
+    """Loads TUNED into ``model`` (built from BASE) and rescales its intruders (or, as a control, other
+    directions) in place. ``per_matrix`` edits only the N top-ranked intruders of each matrix."""
 
-    def __init__(self, model: torch.nn.Module, src: PairSource, opts: DetectOptions):
-        self.model, self.opts = model, opts
+    def __init__(self, model: torch.nn.Module, src: PairSource, opts: DetectOptions, per_matrix: int | None = None,
+                 control: ControlKind = "none"):
+        self.model, self.opts, self.control = model, opts, control
         self._load_tuned(src)
         self.entries: list[_Entry] = []
         # 2k triplets: after the ≤ k intruders shrink, the top k of W' are among them
@@ -43,10 +50,16 @@ class InPlacePatcher:
             if not found.intruders:
                 continue
             t = found.tuned
-            upper = decisive(t, opts.side)[1]  # certified at ε for all 2k triplets
+            lower, upper = decisive(t, opts.side)  # certified at ε for all 2k triplets
+            edited = sorted(found.intruders)[:per_matrix]
+            free = lower >= opts.epsilon  # certified non-intruders
+            controls = [] if control == "none" else choose_controls(t.S, free, edited, control)
+            spill = spill_order(t.S, free, controls) if control == "matched" and controls else []
             param = self._param(pair.name)
-            self.entries.append(_Entry(pair.name, param, pair.transposed, pair.tuned.float(), param.detach().clone(),
-                                       make_patch(t, found.intruders, 0.0), t.S, upper < opts.epsilon))
+            self.entries.append(_Entry(
+                pair.name, param, pair.transposed, pair.tuned.float(), param.detach().clone(),
+                make_patch(t, edited, 0.0), t.S, upper < opts.epsilon, controls, spill,
+                make_patch(t, [c.control for c in controls] + spill, 0.0) if controls else None))
         self.scale = 1.0
 
     def _param(self, name: str) -> torch.Tensor:
@@ -71,28 +84,65 @@ class InPlacePatcher:
         return sum(len(e.patch.intruders) for e in self.entries)
 
     @torch.no_grad()
-    def apply(self, scale: float) -> None:
-        """Set the parameters to W' for this λ (from W_tuned, so calls do not compound)."""
+    def apply(self, scale: float, control: bool = False) -> None:
+        """Set the parameters to W' for this λ (from W_tuned, so calls do not compound); ``control`` scales
+        the control directions instead of the intruders."""
         for e in self.entries:
-            p = MatrixPatch(e.patch.intruders, scale, e.patch.sigma_old, e.patch.U, e.patch.Vh)
-            if p.is_noop:
+            coeff, U, Vh = self._coeff(e, scale, control)
+            if coeff is None or not bool(coeff.any()):
                 e.param.copy_(e.merged)
             else:
-                W = e.tuned + p.correction()
+                W = e.tuned + (U * coeff) @ Vh
                 e.param.copy_((W.T if e.transposed else W).to(e.param.dtype))
         self.scale = scale
+
+    def _coeff(self, e: _Entry, scale: float, control: bool):
+        """(coeff (n,), U (out, n), Vh (n, in)) of the rank-n correction Σ (λ_j - 1) σ_j u_j v_jᵀ."""
+        if not control:
+            p = MatrixPatch(e.patch.intruders, scale, e.patch.sigma_old, e.patch.U, e.patch.Vh)
+            return (None if p.is_noop else p.coeff), p.U, p.Vh
+        if e.control_patch is None:
+            return None, None, None
+        factors = torch.tensor(self._factors(e, scale))
+        return (factors - 1.0) * e.control_patch.sigma_old, e.control_patch.U, e.control_patch.Vh
+
+    def _factors(self, e: _Entry, scale: float) -> list[float]:
+        """λ_c of each control direction of ``e`` (paired, then spill)."""
+        return control_factors(scale, e.controls, [float(e.spectrum[j]) for j in e.spill], self.control)
 
     def restore(self) -> None:
         self.apply(1.0)
 
-    def intruders_at(self, scale: float) -> int:
-        """Intruders among the top k of W' at this λ: W' keeps W_tuned's singular vectors, with the
-        intruders' σ multiplied by |λ|, so no new SVD is needed (the ≤ k intruders only shrink, so the
-        top k of W' lie among the 2k triplets kept)."""
+    def intruders_at(self, scale: float, control: bool = False) -> int:
+        """Intruders among the top k of W' at this λ: W' keeps W_tuned's singular vectors, with the edited
+        directions' σ multiplied by |λ| (|λ_c| for a control), so no new SVD is needed (the ≤ k intruders only
+        shrink, so the top k of W' lie among the 2k triplets kept)."""
         total = 0
         for e in self.entries:
             s = e.spectrum.clone()
-            s[e.patch.intruders] *= abs(scale)  # W' has singular values |λ| σ (λ < 0 flips u, with --allow-amplify)
+            if control:
+                ranks = [c.control for c in e.controls] + e.spill
+                for j, f in zip(ranks, self._factors(e, scale), strict=True):
+                    s[j] *= abs(f)
+            else:  # W' has singular values |λ| σ (λ < 0 flips u, with --allow-amplify)
+                s[e.patch.intruders] *= abs(scale)
             top = torch.argsort(s, descending=True, stable=True)[: self.opts.top_k]
             total += int(e.intruder_mask[top][s[top] > 0].sum())
         return total
+
+    def frobenius_removed(self, scale: float, control: bool = False) -> float:
+        """Σ over matrices of ‖W_tuned‖_F² - ‖W'‖_F² at this λ (exact: the edited directions are singular)."""
+        total = 0.0
+        for e in self.entries:
+            if control and e.control_patch is not None:
+                sigma = e.control_patch.sigma_old.double().tolist()
+                total += sum((1 - f * f) * s * s for f, s in zip(self._factors(e, scale), sigma, strict=True))
+            elif not control:
+                total += (1 - scale * scale) * float((e.patch.sigma_old.double() ** 2).sum())
+        return total
+
+    def control_record(self) -> dict[str, list[dict[str, float]]]:
+        """Which directions the control uses in each matrix, with their σ."""
+        return {e.name: [dataclasses.asdict(c) for c in e.controls]
+                + [{"spill": j, "sigma_control": float(e.spectrum[j])} for j in e.spill]
+                for e in self.entries if e.controls}

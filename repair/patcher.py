@@ -33,7 +33,7 @@ from .editor import (
 from .errors import RepairError
 from .pairs import MatrixPair, PairSource
 from .pipeline import in_background, ordered_batches
-from .plan import Plan, check_scale
+from .plan import Plan, check_per_matrix, check_scale
 from .report import InputFile, MatrixEdit, PatchReport, Provenance
 from .solver import solve_pairs
 from .writer import TensorWriter, check_output_dir
@@ -59,9 +59,14 @@ class PatchOptions:
     # runs, so the checkpoint holds exactly W_tuned + Σ (λ-1) σ u vᵀ of these triplets at ``scale``.
     patches: Mapping[str, MatrixPatch] | None = None
     patches_from: str | None = None  # what found them, recorded in the provenance
+    per_matrix: int | None = None  # scale only the N top-ranked intruders of each matrix (the paper's v2: 1)
 
     def validate(self, plan: Plan | None) -> None:
         self.detect.validate()
+        check_per_matrix(self.per_matrix)
+        if plan is not None and self.per_matrix is not None:
+            raise RepairError("--per-matrix: a --plan lists its intruders itself; make it with "
+                              "`repair detect --plan-out PLAN --per-matrix N` instead.")
         if self.scale is None and plan is None:
             raise RepairError("--scale: required unless --plan gives a scale for every matrix.")
         if self.scale is not None:
@@ -81,7 +86,8 @@ def _edits(src: PairSource, names: list[str], opts: PatchOptions,
                 for n in names]
     if plan is None:
         found = analyse_pairs(src, names, opts.detect, precise=True)
-        return [(pair, make_patch(f.tuned, f.intruders, opts.scale) if f.intruders else None) for pair, f in found]
+        return [(pair, make_patch(f.tuned, sorted(f.intruders)[:opts.per_matrix], opts.scale) if f.intruders else None)
+                for pair, f in found]
     pairs = [src.pair(n) for n in names]
     entries = [plan.matrices.get(p.name) for p in pairs]
     todo = [i for i, e in enumerate(entries) if e is not None and e.intruders]
@@ -251,7 +257,7 @@ def _provenance(src: PairSource, base: str, tuned: str, opts: PatchOptions) -> P
     args = {"base": base, "tuned": tuned, "scale": opts.scale, "top_k": d.top_k, "epsilon": d.epsilon,
             "side": d.side, "modules": d.modules, "format": opts.format, "max_shard_size": opts.max_shard_size,
             "allow_amplify": opts.allow_amplify, "plan_sha256": file_sha256(opts.plan) if opts.plan else None,
-            "patches_from": opts.patches_from}
+            "patches_from": opts.patches_from, "per_matrix": opts.per_matrix}
     inputs = []
     for role, folder, files in (("base", src.base_source.path, src.base.files),
                                 ("tuned", src.tuned_source.path, src.tuned_files())):

@@ -34,12 +34,14 @@ class Plan(BaseModel):
     matrices: dict[str, PlanEntry]
 
     @classmethod
-    def from_report(cls, report: DetectionReport) -> Plan:
-        entries = {
-            m.name: PlanEntry(intruders=m.intruders, sigma=[m.sigma[i] for i in m.intruders],
-                              max_cos=[m.max_cos[i] for i in m.intruders])
-            for m in report.matrices if m.intruders
-        }
+    def from_report(cls, report: DetectionReport, per_matrix: int | None = None) -> Plan:
+        """Every intruder of the report, or the ``per_matrix`` top-ranked ones of each matrix."""
+        entries = {}
+        for m in report.matrices:
+            chosen = sorted(m.intruders)[:per_matrix]
+            if chosen:
+                entries[m.name] = PlanEntry(intruders=chosen, sigma=[m.sigma[i] for i in chosen],
+                                            max_cos=[m.max_cos[i] for i in chosen])
         return cls(base=report.base, tuned=report.tuned, top_k=report.top_k, epsilon=report.epsilon,
                    side=report.side, matrices=entries)
 
@@ -67,3 +69,9 @@ def check_scale(scale: float, allow_amplify: bool, where: str = "--scale") -> No
         raise RepairError(f"{where}: expected a finite number, got {scale}.")
     if not allow_amplify and not 0.0 <= scale <= 1.0:
         raise RepairError(f"{where}: expected λ in [0, 1], got {scale}; pass --allow-amplify to go outside it.")
+
+
+def check_per_matrix(n: int | None) -> None:
+    """``--per-matrix N``: a positive number of intruders per matrix, or None for all of the top k."""
+    if n is not None and n < 1:
+        raise RepairError(f"--per-matrix: expected a positive integer, got {n}.")

@@ -170,13 +170,14 @@ def test_api_defaults_are_the_cli_defaults():
     sig = inspect.signature(api.patch).parameters
     assert sig["format"].default == patch_cli["fmt"]
     assert sig["max_shard_size"].default == parse_size(patch_cli["max_shard_size"])
-    for name in ("allow_amplify", "overwrite", "plan"):
+    for name in ("allow_amplify", "overwrite", "plan", "per_matrix"):
         assert sig[name].default == patch_cli[name], name
     sweep_cli = cli_defaults(cli.sweep, "B", "T", "--out", "O")
     sig = inspect.signature(evals_api.sweep).parameters
     lm_eval_flags = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed",
                      "log_samples")
-    for name in ("scales", "tasks", "forgetting", "limit", "pick", "write_picked", "overwrite", "batch_size",
+    for name in ("scales", "tasks", "forgetting", "limit", "pick", "write_picked", "overwrite", "control",
+                 "per_matrix", "batch_size",
                  "allow_amplify", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == sweep_cli[name], name
     compare_cli = cli_defaults(cli.compare, "M", "--tasks", "t")

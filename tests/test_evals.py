@@ -104,7 +104,8 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
     assert res.exit_code == 0, res.output
     report = json.loads((out / "sweep.json").read_text())
     assert [p["scale"] for p in report["points"]] == [0.0, 0.5, 1.0]
-    assert (out / "sweep.csv").read_text().count("\n") == 6 and (out / "tradeoff.png").stat().st_size > 1000
+    # header, base, tuned, 3 λ points and the matched control at λ = 0 and 0.5
+    assert (out / "sweep.csv").read_text().count("\n") == 8 and (out / "tradeoff.png").stat().st_size > 1000
     one = report["points"][2]
     assert one["accuracy"] == report["tuned"]["accuracy"] and report["base"]["forgetting_delta"] == 0.0
     assert one["intruders"] == report["total_intruders"] > report["points"][0]["intruders"]

@@ -174,7 +174,8 @@ def test_several_tasks_in_tables_plots_and_pick(llama_base, llama_adapter, two_t
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert {"tiny_add", "tiny_add_stderr", "tiny_mul", "tiny_mul_stderr"} <= set(rows[0])
     report = json.loads((out / "sweep.json").read_text())
-    for row, point in zip(rows, [report["base"], report["tuned"], *report["points"]], strict=True):
+    points = [report["base"], report["tuned"], *report["points"], *report["control"]["points"]]
+    for row, point in zip(rows, points, strict=True):
         assert float(row["tiny_mul"]) == point["scores"]["tiny_mul"]["value"]
     tuned = report["tuned"]["scores"]["tiny_add"]["value"]
     allowed = [p for p in report["points"] if p["scores"]["tiny_add"]["value"] >= tuned]
