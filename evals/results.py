@@ -77,10 +77,22 @@ class ControlComparison(BaseModel):
     frobenius_ratio: float | None = Field(None, description="Frobenius mass the control removed over the repair's")
 
 
+class ControlPairRecord(BaseModel):
+    intruder: int = Field(description="rank of the intruder among W_tuned's singular vectors (0 = largest)")
+    control: int = Field(description="rank of its control direction")
+    sigma_intruder: float
+    sigma_control: float
+
+
+class ControlDirections(BaseModel):
+    pairs: list[ControlPairRecord]
+    spill_order: list[int] = Field(default_factory=list, description=(
+        "matched: further non-intruder ranks, in the order they take the mass a paired direction cannot carry"))
+
+
 class ControlReport(BaseModel):
     kind: str  # neighbour or matched
-    directions: dict[str, list[dict[str, float]]] = Field(
-        description="per matrix: intruder and control ranks and their σ")
+    directions: dict[str, ControlDirections] = Field(description="per matrix: the directions the control scales")
     points: list[SweepPoint]
     comparisons: list[ControlComparison] = Field(default_factory=list)
 

@@ -141,8 +141,7 @@ class InPlacePatcher:
                 total += (1 - scale * scale) * float((e.patch.sigma_old.double() ** 2).sum())
         return total
 
-    def control_record(self) -> dict[str, list[dict[str, float]]]:
-        """Which directions the control uses in each matrix, with their σ."""
-        return {e.name: [dataclasses.asdict(c) for c in e.controls]
-                + [{"spill": j, "sigma_control": float(e.spectrum[j])} for j in e.spill]
+    def control_record(self) -> dict[str, dict[str, list]]:
+        """Which directions the control uses in each matrix: the pairs with their σ, and the spill order."""
+        return {e.name: {"pairs": [dataclasses.asdict(c) for c in e.controls], "spill_order": e.spill}
                 for e in self.entries if e.controls}

@@ -155,7 +155,7 @@ def test_sweep_reports_the_control_series_and_the_verdict(llama_base, llama_adap
     control = report["control"]
     assert control["kind"] == "neighbour" and [p["label"] for p in control["points"]] == ["control=0", "control=0.5"]
     assert control["directions"] and all(d["intruder"] != d["control"] for ds in control["directions"].values()
-                                         for d in ds)
+                                         for d in ds["pairs"])
     by_scale = {p["scale"]: p for p in report["points"]}
     tuned_nll, base_nll = report["tuned"]["forgetting_nll"], report["base"]["forgetting_nll"]
     for c in control["comparisons"]:
