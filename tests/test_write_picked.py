@@ -37,7 +37,7 @@ def near_epsilon(tmp_path_factory):
         layer.lora_A["default"].weight.copy_((z / z.norm())[None, :].float())  # (1, 64)
     adapter = root / "adapter"
     model.save_pretrained(str(adapter))
-    tuned = W0 + layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+    tuned = W0 + (layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()).detach()
     u = torch.linalg.svd(tuned)[0][:, 0]
     c = float((U0.T @ u).abs().max())
     return base, adapter, c + 5e-4
