@@ -24,7 +24,7 @@ from repair.writer import check_output_dir
 from .accuracy import EvalSettings, TaskColumn, check_columns, columns_fingerprint, evaluate_columns, make_lm
 from .causal import annotate
 from .corpus import load_corpus
-from .forgetting import forgetting, scored_tokens
+from .forgetting import document_tokens, forgetting, scored_tokens
 from .forgetting import kind as forgetting_kind
 from .lmeval_files import LM_EVAL_DIR, lm_eval_record
 from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
@@ -235,7 +235,7 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
         tool_version=__version__, arguments=args, fingerprint=fingerprint, forgetting_kind=ev.kind,
         corpus_documents=len(docs), corpus_tokens=ev.tokens, total_intruders=patcher.total_intruders,
         base=base_point, tuned=tuned_point, points=[done[s] for s in opts.scales], per_matrix=opts.per_matrix,
-        doc_tokens=ev.doc_tokens or _doc_tokens(model, tok, docs),
+        doc_tokens=ev.doc_tokens or document_tokens(model, tok, docs),  # all points cached
     )
     if opts.control != "none":
         report.control = ControlReport(kind=opts.control, directions=patcher.control_record(),
@@ -282,13 +282,6 @@ def _measure_controls(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCach
             patcher.restore()
         points.append(point)
     return points
-
-
-def _doc_tokens(model, tok, docs: list[str]) -> list[int]:
-    """Scored tokens per document when every point came from the cache (no forgetting pass ran)."""
-    from .forgetting import document_tokens
-
-    return document_tokens(model, tok, docs)
 
 
 def _write_picked(base: str, tuned: str, opts: SweepOptions, patcher: InPlacePatcher, scale: float,

@@ -84,7 +84,8 @@ def detect_model(model, **options: Unpack[DetectKwargs]) -> DetectionReport:
 
 
 def patch_model(model, scale: float, *, merge: bool = False, adapter_name: str | None = None,
-                allow_amplify: bool = False, **options: Unpack[DetectKwargs]) -> tuple[object, LivePatchReport]:
+                allow_amplify: bool = False, per_matrix: int | None = None,
+                **options: Unpack[DetectKwargs]) -> tuple[object, LivePatchReport]:
     """Rescale the intruders of a live PeftModel's active adapter by ``scale``; returns (model, report).
 
     By default adds an adapter (``adapter_name``, default ``<active>_repaired``) of rank r + |I| per
@@ -94,7 +95,8 @@ def patch_model(model, scale: float, *, merge: bool = False, adapter_name: str |
     ``merge_and_unload()``.
     """
     from .live_edit import patch_live
-    from .plan import check_scale
+    from .plan import check_per_matrix, check_scale
 
     check_scale(scale, allow_amplify, "scale")
-    return patch_live(model, scale, detect_options(options, model), merge, adapter_name)
+    check_per_matrix(per_matrix)
+    return patch_live(model, scale, detect_options(options, model), merge, adapter_name, per_matrix)

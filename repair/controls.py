@@ -80,8 +80,3 @@ def control_factors(scale: float, pairs: list[ControlPair], spill_sigma: list[fl
             factors[i] = math.copysign(math.sqrt((kept - take) / p.sigma_control ** 2), scale)
             leftover -= take
     return factors
-
-
-def frobenius_removed(sigmas: list[float], scales: list[float]) -> float:
-    """‖W‖_F² - ‖W'‖_F² when the directions with these σ are scaled by these factors (orthogonal directions)."""
-    return sum((1.0 - s * s) * sigma * sigma for sigma, s in zip(sigmas, scales, strict=True))

@@ -35,11 +35,14 @@ from .report import LivePatchReport, MatrixEdit
 logger = logging.getLogger(__name__)
 
 
-def live_patches(src: LivePairSource, opts: DetectOptions, scale: float) -> list[tuple[MatrixPair, MatrixPatch | None]]:
-    """Each matrix's patch (None where it has no intruders), batched as ``repair patch`` batches them."""
+def live_patches(src: LivePairSource, opts: DetectOptions, scale: float,
+                 per_matrix: int | None = None) -> list[tuple[MatrixPair, MatrixPatch | None]]:
+    """Each matrix's patch (None where it has no intruders), batched as ``repair patch`` batches them; with
+    ``per_matrix``, only that many top-ranked intruders per matrix."""
     def work(names: list[str]) -> list[tuple[MatrixPair, MatrixPatch | None]]:
         found = analyse_pairs(src, names, opts, precise=True)
-        return [(pair, make_patch(f.tuned, f.intruders, scale) if f.intruders else None) for pair, f in found]
+        return [(pair, make_patch(f.tuned, sorted(f.intruders)[:per_matrix], scale) if f.intruders else None)
+                for pair, f in found]
 
     return list(ordered_batches(work, src.names, opts.workers, src.base.float32_bytes, opts.batch_bytes))
 
@@ -169,13 +172,14 @@ def _record(src: LivePairSource, pair: MatrixPair, patch: MatrixPatch, factors, 
                        peft_truncation_error=truncation_error(B * s, A, patch, B.shape[1]))
 
 
-def patch_live(model, scale: float, opts: DetectOptions, merge: bool = False, adapter_name: str | None = None):
+def patch_live(model, scale: float, opts: DetectOptions, merge: bool = False, adapter_name: str | None = None,
+               per_matrix: int | None = None):
     """Rescale the intruders of a live PeftModel's active adapter; see ``repair.api.patch_model``."""
     src = LivePairSource(model, opts.modules, opts.spectra())
     new = adapter_name or f"{src.adapter_name}_repaired"
     if not merge and new in model.peft_config:
         raise RepairError(f"adapter_name: the model already has an adapter {new!r}; pass another name.")
-    edits = live_patches(src, opts, scale)
+    edits = live_patches(src, opts, scale, per_matrix)
     examined = len(src)
     if merge:
         records = [edit_record(p, x) for p, x in edits if x is not None]

@@ -120,6 +120,18 @@ def test_per_matrix_keeps_the_top_ranked_intruder(llama_base, llama_adapter, tmp
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--per-matrix", "0",
                                     "--out", str(tmp_path / "q")])
     assert res.exit_code == 2 and "--per-matrix: expected a positive integer" in res.output
+    # the live path edits the same directions: merged in memory, it equals the written checkpoint
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import repair
+
+    live = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama_base)), str(llama_adapter))
+    merged, report = repair.patch_model(live, 0.0, merge=True, per_matrix=1, cache=False)
+    assert {m.name: m.intruders for m in report.matrices} == expected
+    written = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")).state_dict()
+    for name, value in merged.state_dict().items():
+        assert torch.allclose(value, written[name], rtol=1e-5, atol=1e-6), name
 
 
 def _jackknife_ratio_se(x, y):
