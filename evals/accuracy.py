@@ -240,8 +240,8 @@ def columns_fingerprint(columns: list[TaskColumn]) -> list:
 def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, record=None,
                      model_args: str = "") -> dict[str, TaskScore]:
     """Each column's score: one ``simple_evaluate`` call per distinct set of flags, all its tasks at once, as
-    ``lm_eval --tasks a,b`` runs them. ``record(results, samples)`` receives lm-eval's own output of each call
-    (see ``evals.lmeval_files``)."""
+    ``lm_eval --tasks a,b`` runs them. With ``record`` (an ``evals.lmeval_files.LmEvalRecord``), lm-eval's own
+    tracker writes each call's result files."""
     from lm_eval import simple_evaluate
 
     groups: dict[EvalSettings, list[TaskColumn]] = {}
@@ -262,8 +262,3 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
         if record is not None:
             record.save(tracker, out)
     return scores
-
-
-def evaluate(lm, spec: str, limit: int | None = None, settings: EvalSettings | None = None) -> TaskScore:
-    """Run one lm-eval task (registered name or local YAML) through ``simple_evaluate`` with ``settings``."""
-    return next(iter(evaluate_columns(lm, [TaskColumn(spec, settings or EvalSettings())], limit).values()))

@@ -82,7 +82,7 @@ def chat_prompt(tok) -> list[int] | None:
 def base_samples(model, tok, model_key: str, n: int = DEFAULT_SAMPLES, tokens: int = SAMPLE_TOKENS,
                  seed: int = SAMPLE_SEED, chat: bool = False) -> list[str]:
     """``n`` samples of the model (ancestral sampling, temperature 1), cached by key: unconditional from BOS, or
-    with ``chat`` and a chat template, the answers to the template's empty prompt (only the answer is kept)."""
+    with ``chat`` and a chat template, the answers to an empty user turn (only the answer is kept)."""
     prompt = chat_prompt(tok) if chat and tok is not None else None
     key = hashlib.sha256(json.dumps([model_key, n, tokens, seed] + (["chat", prompt] if prompt else []))
                          .encode()).hexdigest()[:16]

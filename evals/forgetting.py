@@ -95,11 +95,6 @@ def document_tokens(model, tok, docs: list[str]) -> list[int]:
     return [len(s) - 1 for s in seqs if len(s) >= 2]
 
 
-def scored_tokens(model, tok, docs: list[str]) -> int:
-    """How many tokens the forgetting score averages over."""
-    return sum(document_tokens(model, tok, docs))
-
-
 def kind(model) -> str:
     return "pseudo-nll" if is_masked_lm(model) else "nll"
 

@@ -24,7 +24,7 @@ from repair.writer import check_output_dir
 from .accuracy import EvalSettings, TaskColumn, check_columns, columns_fingerprint, evaluate_columns, make_lm
 from .causal import annotate
 from .corpus import load_corpus
-from .forgetting import document_tokens, forgetting, scored_tokens
+from .forgetting import document_tokens, forgetting
 from .forgetting import kind as forgetting_kind
 from .lmeval_files import LM_EVAL_DIR, lm_eval_record
 from .models import Placement, check_batch_size, forgetting_batch, load_model, source_fingerprint
@@ -114,9 +114,8 @@ class _Evaluator:
         self.columns = opts.columns
         self.lm = make_lm(model, tok, opts.batch_size) if self.columns else None
         self.base_nll: float | None = None
-        self.kind, self.tokens = forgetting_kind(model), scored_tokens(model, tok, docs)
+        self.kind, self.doc_tokens = forgetting_kind(model), document_tokens(model, tok, docs)
         self.base, self.tuned = base, tuned
-        self.doc_tokens: list[int] = []
 
     def _scores(self, label: str, scale: float | None) -> dict[str, Score]:
         if self.lm is None:
@@ -130,7 +129,6 @@ class _Evaluator:
     def measure(self, label: str, scale: float | None, intruders: int, frobenius: float | None = None) -> SweepPoint:
         t0 = time.perf_counter()
         f = forgetting(self.model, self.tok, self.docs, forgetting_batch(self.opts.batch_size))
-        self.doc_tokens = f.doc_tokens
         scores = self._scores(label, scale)
         mean = mean_score(scores)
         return SweepPoint(label=label, scale=scale, accuracy=mean and mean.value, accuracy_stderr=mean and mean.stderr,
@@ -233,9 +231,9 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     tuned_point = done[1.0].model_copy(update={"label": "tuned"})
     report = SweepReport(
         tool_version=__version__, arguments=args, fingerprint=fingerprint, forgetting_kind=ev.kind,
-        corpus_documents=len(docs), corpus_tokens=ev.tokens, total_intruders=patcher.total_intruders,
+        corpus_documents=len(docs), corpus_tokens=sum(ev.doc_tokens), total_intruders=patcher.total_intruders,
         base=base_point, tuned=tuned_point, points=[done[s] for s in opts.scales], per_matrix=opts.per_matrix,
-        doc_tokens=ev.doc_tokens or document_tokens(model, tok, docs),  # all points cached
+        doc_tokens=ev.doc_tokens,
     )
     if opts.control != "none":
         report.control = ControlReport(kind=opts.control, directions=patcher.control_record(),

@@ -81,7 +81,8 @@ class InPlacePatcher:
 
     @property
     def total_intruders(self) -> int:
-        return sum(len(e.patch.intruders) for e in self.entries)
+        """Intruders among the top k of every matrix, edited or not (``per_matrix`` may edit fewer)."""
+        return sum(int(e.intruder_mask[: self.opts.top_k].sum()) for e in self.entries)
 
     @torch.no_grad()
     def apply(self, scale: float, control: bool = False) -> None:

@@ -102,6 +102,8 @@ def test_matched_control_short_of_mass_removes_all_it_has(llama_base, llama_adap
 def test_per_matrix_keeps_the_top_ranked_intruder(llama_base, llama_adapter, tmp_path):
     """--per-matrix 1: `repair patch` edits, in each matrix, only the intruder of lowest rank that detection
     reports; the plan written with --per-matrix 1 lists the same."""
+    from transformers import AutoModelForCausalLM
+
     from repair.detector import detect
 
     report = detect(str(llama_base), str(llama_adapter))
@@ -120,9 +122,16 @@ def test_per_matrix_keeps_the_top_ranked_intruder(llama_base, llama_adapter, tmp
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--per-matrix", "0",
                                     "--out", str(tmp_path / "q")])
     assert res.exit_code == 2 and "--per-matrix: expected a positive integer" in res.output
+    # the sweep's in-place editor: the same directions, all intruders still counted as found
+    model, patcher = _patcher(llama_base, llama_adapter, "none", per_matrix=1)
+    assert patcher.total_intruders == report.total_intruders
+    assert {e.name: e.patch.intruders for e in patcher.entries} == expected
+    patcher.apply(0.0)
+    written = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.allclose(value, written[name], rtol=1e-5, atol=1e-6), name
     # the live path edits the same directions: merged in memory, it equals the written checkpoint
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     import repair
 

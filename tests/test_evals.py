@@ -35,6 +35,8 @@ def test_forgetting_nll_equals_direct_transformers(batch_size):
     score = causal_nll(model, tok, CORPUS, batch_size=batch_size)
     assert score.nll == pytest.approx(direct_nll(model, tok, CORPUS), rel=1e-5)
     assert score.documents == 5 and score.tokens == sum(len(d) - 1 for d in CORPUS if len(d) > 1)
+    assert score.doc_tokens == [len(d) - 1 for d in CORPUS if len(d) > 1]  # what the standard errors pair on
+    assert sum(score.doc_nll) / sum(score.doc_tokens) == pytest.approx(score.nll, rel=1e-12)
 
 
 def test_corpus_files(tmp_path, corpus_file):
