@@ -16,7 +16,7 @@ from .adapter import LoraAdapter, LoraModule
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
-from .pipeline import in_background, ordered_map
+from .pipeline import LARGE_BYTES, in_background, ordered_map
 from .sources import ModelSource
 from .spectral.spectra import BaseSpectrum, tensor_key
 from .spectral.store import SpectraCache
@@ -160,10 +160,13 @@ class PairSource:
                 elif p is not None and not self.spectra.has_truncated(key, p):
                     self.spectra.compute_truncated(key, stored, p, device)
 
-            for _ in tqdm(ordered_map(work, self.names, workers, depth=0), total=len(self.names), desc="base spectra",
+            for _ in tqdm(ordered_map(work, self.names, workers, depth=0, large=self._large), total=len(self.names), desc="base spectra",
                           unit="matrix", disable=None):
                 pass
         join()
+
+    def _large(self, name: str) -> bool:
+        return self.base.float32_bytes(name) >= LARGE_BYTES
 
     def tuned_files(self) -> list[Path]:
         return (self.adapter.reader if self.adapter is not None else self.tuned).files

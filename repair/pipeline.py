@@ -21,6 +21,7 @@ from .errors import RepairError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+LARGE_BYTES = 64 * 2**20  # float32 bytes from which a matrix runs alone on all threads (ordered_map's ``large``)
 R = TypeVar("R")
 
 
@@ -62,11 +63,14 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int = 2) -> Iterator[R]:
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int = 2,
+                large: Callable[[T], bool] | None = None) -> Iterator[R]:
     """``fn(item)`` for each item on ``workers`` threads, yielded in input order.
 
     At most ``workers + depth`` items are in flight (submitted and not yet handed back), which bounds
-    memory to a few matrices.
+    memory to a few matrices. Items for which ``large`` is true run alone, after those before them,
+    with ``workers`` intra-op threads: their products are big enough to use every core, and a large
+    item running last on one thread would leave the others idle.
     """
     if workers <= 1:
         with torch_threads(1):  # per-matrix work is many small operations: extra threads only spin
@@ -76,6 +80,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
         pending: deque = deque()
         try:
             for item in items:
+                if large is not None and large(item):
+                    while pending:
+                        yield pending.popleft().result()
+                    with torch_threads(workers):
+                        yield fn(item)
+                    continue
                 if len(pending) >= workers + depth:
                     yield pending.popleft().result()
                 pending.append(pool.submit(fn, item))
@@ -126,5 +136,8 @@ def ordered_batches(fn: Callable[[list[T]], list[R]], items: Iterable[T], worker
         if batch:
             yield batch
 
-    for results in ordered_map(fn, batches(), workers, depth=0):
+    def large(batch: list[T]) -> bool:
+        return sum(map(size, batch)) >= LARGE_BYTES
+
+    for results in ordered_map(fn, batches(), workers, depth=0, large=large):
         yield from results

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from repair.cli import main
 from repair.detector import DetectOptions, detect
-from repair.pipeline import ordered_batches
+from repair.pipeline import ordered_batches, ordered_map
 from repair.spectral.spectra import compute_spectrum, tensor_key
 from repair.spectral.store import SpectraCache
 
@@ -95,6 +95,33 @@ def test_ordered_batches_keep_order_and_budget():
 
     assert list(ordered_batches(work, range(10), 2, size=lambda x: 3, budget=7)) == [x * 10 for x in range(10)]
     assert all(len(b) <= 2 for b in seen) and sorted(x for b in seen for x in b) == list(range(10))
+
+
+def test_large_items_run_alone_on_every_thread_in_order():
+    """A large item waits for the ones before it, runs on the calling thread with all the workers' threads;
+    the others run on the pool with one thread each; the output keeps the input order."""
+    import threading
+
+    running: list[int] = []
+    lock = threading.Lock()
+
+    def work(x: int):
+        with lock:
+            running.append(x)
+            overlap = len(running)
+        seen = (x, threading.current_thread() is threading.main_thread(), torch.get_num_threads(), overlap)
+        with lock:
+            running.remove(x)
+        return seen
+
+    large = {3, 7}
+    out = list(ordered_map(work, range(10), 2, depth=1, large=lambda x: x in large))
+    assert [o[0] for o in out] == list(range(10))
+    for x, on_main, threads, overlap in out:
+        assert on_main == (x in large)
+        assert threads == (2 if x in large else 1)
+        if x in large:
+            assert overlap == 1  # nothing else was running
 
 
 def test_adapter_settings_are_remembered_without_peft(llama_base, llama_adapter, cache_dir):

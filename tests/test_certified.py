@@ -196,7 +196,7 @@ def test_lanczos_quadrature_matches_moments_and_bounds_point_masses():
     nodes, weights = q.nodes[0, 0], q.weights[0, 0]
     for j in range(2 * s):
         assert torch.allclose((weights * nodes**j).sum(), (x**2 * lam**j).sum(), rtol=1e-8)
-    from repair.spectral.certified import pair_sums
+    from repair.spectral.christoffel import pair_sums
 
     assert float(pair_sums(q).amax()) >= float((x**2).max())
 

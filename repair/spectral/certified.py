@@ -9,13 +9,13 @@ bracketed, a = Qᵀ y:
   squared cosines, so hi = max(max_i (|a_i| + δ_i), sqrt(1 - Σ (|a_i| - δ_i)²));
 - Lanczos upper bound, for vectors the cheap one leaves undecided: y - Q a has a spectral measure
   with respect to W0's own Gram matrix M. s Lanczos steps give its Gauss quadrature, nodes θ_l and
-  weights ω_l, and by the Chebyshev-Markov-Stieltjes inequalities a point mass between θ_l and
-  θ_(l+1) is at most ω_l + ω_(l+1) (ω_1 below θ_1, ω_s above θ_s); Q a adds at most ‖a‖ Δ to any
-  singular vector outside Q, Δ = sqrt(Σ δ_i²).
+  weights ω_l, and its Christoffel function λ(t) bounds any single point mass at t (``christoffel``:
+  about max ω_l on a dense spectrum, never more than the Chebyshev-Markov-Stieltjes pair sums
+  ω_l + ω_(l+1)); Q a adds at most ‖a‖ Δ to any singular vector outside Q, Δ = sqrt(Σ δ_i²).
 
 On the larger side of a rectangular matrix M has a null space that holds no singular vector but
 would swallow the bound, so there the measure of z = W0 v is used instead: its masses are λ_j c_j²,
-and c_j² <= (ω_l + ω_(l+1)) / θ_l; below θ_1 the divisor is an estimate of M's smallest eigenvalue:
+and c_j² <= λ(t) / t over each piece of the spectrum; below θ_1 the divisor is an estimate of M's smallest eigenvalue:
 FLOOR_FACTOR times the smallest Ritz value of a seeded random vector's Lanczos run, which rides
 along with the others at no cost. It is the one quantity in the certificate that is estimated.
 The tuned vectors' own residuals (Davis-Kahan) widen every bound. A vector is decided at a
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .christoffel import point_mass_bounds
 from .krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
 from .linalg import fix_signs
 from .spectra import SideName
@@ -39,7 +40,7 @@ from .topk import degenerate_flags
 from .truncated import SEED, TruncatedSpectrum, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
-STEPS = (16, 32, 64, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
+STEPS = (16, 32, 48, 64, 96, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
 TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float32 reaches about 3e-7)
 PRECISE_TOL = 1e-11  # the same after the float64 polish the editor asks for
 FLOOR_FACTOR = 0.5  # the estimate of M's smallest eigenvalue is this share of the smallest Ritz value
@@ -287,12 +288,12 @@ class _Certificate:
         rows = slice(row, row + 1)
         if side == "left":
             spill = self.a["left"][rows][..., cols].norm(dim=1) * self.delta[rows, None]  # ‖a‖ Δ
-            return pair_sums(q).amax(-1)[:, where].sqrt() + spill
+            return point_mass_bounds(q).largest()[:, where].sqrt() + spill
         if self.batch.W0.shape[1] == self.batch.W0.shape[2]:
-            return pair_sums(q).amax(-1)[:, where].sqrt()
+            return point_mass_bounds(q).largest()[:, where].sqrt()
         real = q.weights[:, -1] > 0  # the random column's nodes
         floor = FLOOR_FACTOR * q.nodes[:, -1][real].min().clamp_min(0) if real.any() else q.nodes.new_zeros(())
-        ratio = ratio_bound(Quadrature(q.nodes[:, :-1], q.weights[:, :-1]), floor.reshape(1))[:, where]
+        ratio = point_mass_bounds(q.columns(slice(None, -1))).largest_ratio(floor.reshape(1))[:, where]
         spill = self.qz[rows][..., cols] * self.delta[rows, None] / floor.sqrt().clamp_min(1e-300)
         return ratio.sqrt() + spill
 
@@ -325,22 +326,3 @@ class _Certificate:
 def _amax(a: torch.Tensor) -> torch.Tensor:
     """(b, k) max over the kept directions of (b, p, k); 0 when none were kept."""
     return a.amax(1) if a.shape[1] else torch.zeros(a.shape[0], a.shape[2], dtype=a.dtype, device=a.device)
-
-
-def pair_sums(q: Quadrature) -> torch.Tensor:
-    """(..., s) the Chebyshev-Markov-Stieltjes bound on a point mass in each interval of the nodes."""
-    w = q.weights
-    if w.shape[-1] == 1:
-        return w
-    return torch.cat([w[..., :1], w[..., :-1] + w[..., 1:], w[..., -1:]], -1)
-
-
-def ratio_bound(q: Quadrature, floor: torch.Tensor) -> torch.Tensor:
-    """(b, c) upper bound on max_j ν_j / λ_j for a measure with masses ν_j at eigenvalues λ_j >= floor."""
-    theta = q.nodes
-    fl = floor[:, None, None].expand(*theta.shape[:-1], 1)
-    lower = torch.maximum(torch.cat([fl, theta], -1), fl)  # each interval's lower end: floor, θ_1, ..., θ_s
-    mass = pair_sums(q)
-    bound = torch.where(mass > 0, mass / lower.clamp_min(1e-300), torch.zeros_like(mass))
-    return bound.amax(-1)
-

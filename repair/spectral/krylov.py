@@ -133,6 +133,15 @@ class Quadrature:
 
     nodes: torch.Tensor  # (b, c, s) float64
     weights: torch.Tensor  # (b, c, s) float64
+    alpha: torch.Tensor  # (b, c, s) float64 the recurrence's diagonal (-1 past a breakdown)
+    beta: torch.Tensor  # (b, c, s - 1) float64 its off-diagonal (0 past a breakdown)
+    beta_last: torch.Tensor  # (b, c) float64 the residual norm after the last step (0: broken down)
+    mass: torch.Tensor  # (b, c) float64 the measure's total mass, ‖x‖²
+
+    def columns(self, index) -> Quadrature:
+        """The quadrature of some columns (``index`` into the column axis)."""
+        return Quadrature(self.nodes[:, index], self.weights[:, index], self.alpha[:, index], self.beta[:, index],
+                          self.beta_last[:, index], self.mass[:, index])
 
 
 class Lanczos:
@@ -188,13 +197,17 @@ class Lanczos:
         """The Gauss quadrature of the steps run so far."""
         alpha = torch.stack(self.alpha, -1)  # (b, c, s)
         T = torch.diag_embed(alpha)
+        beta = alpha.new_zeros(*alpha.shape[:-1], 0)
         if self.beta:
             beta = torch.stack(self.beta, -1)  # (b, c, s - 1)
             T = T + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
         nodes, vecs = torch.linalg.eigh(T)  # ascending
         weights = vecs[..., 0, :] ** 2 * (self.norm**2)[..., None]
         weights = torch.where(nodes < -0.5, torch.zeros_like(weights), weights)  # padding of dead columns
-        return Quadrature(nodes, weights)
+        last = self._w.double().norm(dim=-2)  # (b, c)
+        scale = alpha.abs().amax(-1).clamp_min(1e-300)
+        last = torch.where(self.alive & (last > 1e-10 * scale), last, torch.zeros_like(last))
+        return Quadrature(nodes, weights, alpha, beta, last, self.norm**2)
 
 
 def lanczos_quadrature(op: Operator, X: torch.Tensor, steps: int, deflate: torch.Tensor | None = None) -> Quadrature:
