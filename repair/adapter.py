@@ -21,6 +21,7 @@ from .adapter_settings import (
     AdapterSettings,
     cached_settings,
     load_lora_config,
+    refuse_mutated_base,
     resolve_with_peft,
     settings_key,
     store_settings,
@@ -66,9 +67,11 @@ class LoraAdapter:
         self.path = Path(path)
         cfg = self.path / ADAPTER_CONFIG
         try:  # a syntax check now; peft parses it on first use of ``settings``
-            json.loads(cfg.read_text())
+            raw = json.loads(cfg.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{cfg}: not a valid PEFT adapter config ({e}).") from e
+        if isinstance(raw, dict) and "init_lora_weights" in raw:  # before any work; peft's parse checks it again
+            refuse_mutated_base(raw["init_lora_weights"], str(cfg))
         self.reader = CheckpointReader(self.path, prefix="adapter_model", allow_pickle=allow_pickle)
         self.module_keys: dict[str, dict[str, str]] = self._parse_keys()
         if not self.module_keys:

@@ -22,7 +22,10 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-SETTINGS_VERSION = "1"
+SETTINGS_VERSION = "2"  # 2: adapters trained on a mutated base (PiSSA, CorDA, OLoRA, LoRA-GA) refused
+# init_lora_weights prefixes whose initialisation subtracts the adapter's initial value from the base weights, so
+# the adapter only applies to that residual base until peft converts it (the prefixes peft's conversion accepts)
+MUTATED_BASE_INITS = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "lora_ga": "LoRA-GA"}
 
 
 class AdapterSettings(BaseModel):
@@ -56,8 +59,21 @@ def check_lora_config(config, where: str):
         raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
     if getattr(config, "layer_replication", None):
         raise CheckpointError(f"{where}: layer_replication is not supported.")
+    refuse_mutated_base(getattr(config, "init_lora_weights", True), where)
     _check_fields(config, where)
     return config
+
+
+def refuse_mutated_base(init, where: str) -> None:
+    """One sentence if ``init_lora_weights`` says the adapter was saved against a residual base, unconverted."""
+    value = str(init).lower()
+    for prefix, method in MUTATED_BASE_INITS.items():
+        if value.startswith(prefix):
+            raise CheckpointError(
+                f"{where}: init_lora_weights {init!r} ({method}) trains against the base minus the adapter's "
+                f"initial value, so this adapter does not apply to the original base; convert it to a plain LoRA "
+                f"with peft first (model.save_pretrained(OUT, path_initial_model_for_weight_conversion="
+                f"<the initial adapter>)) and pass OUT.")
 
 
 def _is_number(x) -> bool:

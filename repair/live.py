@@ -97,11 +97,24 @@ class _LiveBase:
         return self.weights[name].numel() * 4
 
 
+def refuse_quantized_model(model) -> None:
+    """One sentence if the model was loaded quantized: its layers hold packed weights, not W0."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is None and getattr(model, "hf_quantizer", None) is None:
+        return
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)
+    raise CheckpointError(
+        f"the model is quantized (quant_method {method!r}); load its base unquantized (the adapter applies to it "
+        f"unchanged) to analyse or patch it: quantized layers hold packed weights, not W0.")
+
+
 class LivePairSource:
     """Yields ``MatrixPair`` for the active LoRA adapter of a live PeftModel (see ``pairs.PairSource``)."""
 
     def __init__(self, model, modules: str | None = None, spectra: SpectraCache | None = None):
         self.model = model
+        refuse_quantized_model(model)
         self.adapter_name = active_adapter(model)
         self.spectra = spectra or SpectraCache(None)
         self._keys: dict[str, str] = {}

@@ -17,6 +17,7 @@ from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
 from .pipeline import LARGE_BYTES, in_background, ordered_map
+from .quantized import refuse_quantized
 from .sources import ModelSource
 from .spectral.spectra import BaseSpectrum, tensor_key
 from .spectral.store import SpectraCache
@@ -80,9 +81,12 @@ class PairSource:
         self.spectra = spectra or SpectraCache(None)
         self._keys: dict[str, str] = {}  # base tensor name -> content hash, once computed
         self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
+        refuse_quantized(base.path, self.base.names(), "BASE")
         settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
         self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter else None
         self.tuned = None if self.adapter else CheckpointReader(tuned.path, "model", allow_pickle)
+        if self.tuned is not None:
+            refuse_quantized(tuned.path, self.tuned.names(), "TUNED")
         self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
         self.modules = compile_modules(modules)
         self.names = self._select()
