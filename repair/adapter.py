@@ -55,6 +55,11 @@ class LoraModule:
     def is_dora(self) -> bool:
         return "lora_magnitude_vector" in self.keys
 
+    @property
+    def bias_key(self) -> str | None:
+        """The adapter tensor of ``lora_bias=True`` (lora_B's bias), if any."""
+        return self.keys.get("lora_B.bias")
+
 
 class LoraAdapter:
     """A PEFT LoRA adapter folder, read lazily tensor by tensor.
@@ -123,9 +128,8 @@ class LoraAdapter:
             m = _LORA_KEY.match(name)
             if m is None:
                 self.replaced[name.removeprefix("base_model.model.")] = name
-            elif name.endswith(".bias"):
-                logger.warning("%s: LoRA bias %s changes a bias, not a weight matrix; it is kept as is",
-                               self.path, name)
+            elif name.endswith(".bias"):  # lora_bias=True: merged into the base bias (``merged_bias``)
+                parts.setdefault(m["module"], {})[f"{m['part']}.bias"] = name
             else:
                 parts.setdefault(m["module"], {})[m["part"]] = name
         return dict(sorted(parts.items()))
@@ -184,13 +188,23 @@ class LoraAdapter:
     def merged_weight(self, lm: LoraModule, stored: torch.Tensor, transposed: bool) -> torch.Tensor:
         """The merged tensor in the base's stored layout and dtype, as ``merge_and_unload()`` computes it.
 
-        Plain LoRA is bit-exact with peft: ``W0 + (B @ A * scaling).to(dtype)``.
+        Plain LoRA is bit-exact with peft's ``weight += delta``: peft loads half-precision adapter weights as
+        float32 (``autocast_adapter_dtype``), so the float32 delta is added in float32 and the sum rounded once
+        to the base's dtype (not the delta rounded first).
         """
         if lm.is_dora:
             W = self.tuned_weight(lm, stored.T if transposed else stored)
             return (W.T if transposed else W).to(stored.dtype).contiguous()
         delta = self.delta(lm)
-        return stored + (delta.T if transposed else delta).to(stored.dtype)
+        return (stored + (delta.T if transposed else delta)).to(stored.dtype)
+
+    def merged_bias(self, lm: LoraModule, stored: torch.Tensor) -> torch.Tensor:
+        """The base bias after ``merge_and_unload()`` of a ``lora_bias`` module, bit-exact with peft's in-place
+        ``bias += lora_B.bias * scaling`` (computed in the promoted dtype, stored in the base's)."""
+        lora_bias = self.reader.get(lm.bias_key)
+        if lora_bias.dtype in (torch.float16, torch.bfloat16):
+            lora_bias = lora_bias.float()  # peft loads half-precision adapter weights as float32 (autocast_adapter_dtype)
+        return (stored + lora_bias * lm.scaling).to(stored.dtype)
 
     def stored_factors(self, lm: LoraModule, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adapter tensors for unscaled factors B (out, r') and A (r', in), in the adapter's dtype."""

@@ -111,12 +111,26 @@ class PairSource:
                         f"{self.base_source.path}; was it trained for another base model?"
                     )
                 self.lora_names[name] = module
+            self.lora_biases = self._lora_biases(base_names)
             self._replaced = {n: key for n, key in self.adapter.replaced.items()
                               if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
             return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
         return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
                 and self._wanted(n)]
+
+    def _lora_biases(self, base_names: set[str]) -> dict[str, str]:
+        """Base bias tensor name -> adapter module, for modules trained with ``lora_bias=True``."""
+        out: dict[str, str] = {}
+        for name, module in self.lora_names.items():
+            if "lora_B.bias" not in self.adapter.module_keys[module]:
+                continue
+            bias = name.removesuffix(".weight") + ".bias"
+            if bias not in base_names:
+                raise CheckpointError(f"{self.tuned_source.path}: module {module} has a LoRA bias (lora_bias=True), "
+                                      f"but base {self.base_source.path} has no {bias} to merge it into.")
+            out[bias] = module
+        return out
 
     def is_transposed(self, name: str) -> bool:
         if self.transposed is not None:

@@ -143,7 +143,7 @@ def changed_tensors(src: PairSource) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, src.tuned.get(name)
         return
     for name in src.base.names():
-        if name in src.lora_names or name in src.adapter.replaced:
+        if name in src.lora_names or name in src.lora_biases or name in src.adapter.replaced:
             yield name, _unpatched(src, name)
 
 
@@ -155,6 +155,8 @@ def _unpatched(src: PairSource, name: str) -> torch.Tensor:
     if name in src.lora_names:
         lm = src.lora_module(name)
         return adapter.merged_weight(lm, src.base.get(name), src.is_transposed(name))
+    if name in src.lora_biases:
+        return adapter.merged_bias(adapter.modules[src.lora_biases[name]], src.base.get(name))
     if name in adapter.replaced:
         return adapter.reader.get(adapter.replaced[name])
     return src.base.get(name)

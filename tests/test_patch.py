@@ -259,3 +259,68 @@ def test_only_selected_modules_are_patched(llama_base, llama_adapter, tmp_path):
     report = patch(str(llama_base), str(llama_adapter),
                    PatchOptions(out=tmp_path / "o", scale=0.0, detect=DetectOptions(modules="q_proj")))
     assert report.examined_matrices == 2 and {m.module_type for m in report.matrices} == {"q_proj"}
+
+
+def _biased_llama(dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_bias_is_merged_bit_exact_with_peft(tmp_path, dtype):
+    """lora_bias=True: the merged checkpoint's biases (and weights) are bit-exact with merge_and_unload() at λ = 1,
+    the biases stay so at λ = 0.5 (a rescaled intruder changes weights only), and the adapter output keeps them."""
+    from peft import PeftModel
+
+    def fn():
+        return _biased_llama(dtype)
+
+    base = tmp_path / "base"
+    fn().save_pretrained(str(base))
+    adapter = make_adapter(fn, base, tmp_path / "a", r=2, lora_alpha=4, lora_bias=True, b_scale=3.0,
+                           target_modules=["q_proj", "v_proj", "down_proj"])
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        lora_biases = [k for k in f.keys() if k.endswith("lora_B.bias")]
+    assert len(lora_biases) == 6
+    plain = merged_state(fn, adapter)
+    for scale in ("1", "0.5"):
+        out = tmp_path / f"m{scale}"
+        res = CliRunner().invoke(main, ["patch", str(base), str(adapter), "--scale", scale, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        ours = load_file(str(out / "model.safetensors"))
+        for name, t in ours.items():
+            if scale == "1" or name.endswith(".bias"):
+                assert t.dtype == plain[name].dtype and torch.equal(t, plain[name]), name
+        changed = [n for n in ours if n.endswith(".bias") and not torch.equal(ours[n], load_file(
+            str(base / "model.safetensors"))[n])]
+        assert len(changed) == 6  # every LoRA bias moved its base bias
+    out = tmp_path / "adapter-out"
+    res = CliRunner().invoke(main, ["patch", str(base), str(adapter), "--scale", "0.5", "--format", "adapter",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    merged = PeftModel.from_pretrained(fn(), str(out)).merge_and_unload().state_dict()
+    for name in plain:
+        if name.endswith(".bias"):
+            assert torch.equal(merged[name], plain[name]), name
+
+
+def test_lora_bias_without_a_base_bias_is_refused(llama_base, tmp_path):
+    def fn():
+        return _biased_llama()
+
+    other = tmp_path / "biased"
+    fn().save_pretrained(str(other))
+    adapter = make_adapter(fn, other, tmp_path / "a", r=2, lora_bias=True, target_modules=["q_proj"])
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(adapter), "--scale", "0", "--out",
+                                    str(tmp_path / "out")])
+    assert res.exit_code == 2 and "has a LoRA bias (lora_bias=True)" in res.output, res.output
+    assert not (tmp_path / "out").exists()

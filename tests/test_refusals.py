@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_model, tiny_llama
+from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
 from repair.cli import main
