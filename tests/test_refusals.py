@@ -26,6 +26,18 @@ def _snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+def assert_refused(base: Path, tuned: Path, root: Path, *words: str) -> None:
+    """detect and patch both exit 2 with one sentence holding ``words``; nothing is written under ``root``."""
+    before = _snapshot(root)
+    out = root / "out"
+    for cmd in (["detect", str(base), str(tuned)], ["patch", str(base), str(tuned), "--scale", "0", "--out", str(out)]):
+        res = CliRunner().invoke(main, cmd)
+        assert res.exit_code == 2, res.output
+        assert res.output.startswith("Error: ") and res.output.count("\n") == 1 and "Traceback" not in res.output
+        assert all(w in res.output for w in words), res.output
+    assert _snapshot(root) == before and not out.exists()
+
+
 def _quantized_copy(base: Path, dst: Path, quant_config: dict | None, packed: dict[str, torch.Tensor]) -> Path:
     """A copy of ``base`` whose q_proj of layer 0 is replaced by ``packed`` tensors, with ``quant_config``
     (written by transformers' own config class) in config.json when given."""
@@ -73,15 +85,7 @@ def _case(kind: str, base: Path, tmp: Path) -> tuple[Path, str]:
 @pytest.mark.parametrize("kind", ["gptq", "bitsandbytes", "gptq-no-config"])
 def test_quantized_base_is_refused(kind, llama_base, llama_adapter, tmp_path):
     quantized, words = _case(kind, llama_base, tmp_path)
-    before = _snapshot(tmp_path)
-    out = tmp_path / "out"
-    for cmd in (["detect", str(quantized), str(llama_adapter)],
-                ["patch", str(quantized), str(llama_adapter), "--scale", "0", "--out", str(out)]):
-        res = CliRunner().invoke(main, cmd)
-        assert res.exit_code == 2, res.output
-        assert res.output.startswith("Error: ") and res.output.count("\n") == 1 and "Traceback" not in res.output
-        assert "BASE is quantized" in res.output and words in res.output and "unquantized" in res.output
-    assert _snapshot(tmp_path) == before and not out.exists()
+    assert_refused(quantized, llama_adapter, tmp_path, "BASE is quantized", words, "unquantized")
 
 
 def test_quantized_full_checkpoint_is_refused_as_tuned(llama_base, tmp_path):
@@ -127,15 +131,7 @@ def test_unconverted_pissa_is_refused_and_converted_is_read(llama_base, tmp_path
     work.mkdir()
     pissa, converted = _pissa(llama_base, work)
     assert json.loads((pissa / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
-    before = _snapshot(tmp_path)
-    out = tmp_path / "out"
-    for cmd in (["detect", str(llama_base), str(pissa)],
-                ["patch", str(llama_base), str(pissa), "--scale", "0", "--out", str(out)]):
-        res = CliRunner().invoke(main, cmd)
-        assert res.exit_code == 2, res.output
-        assert "(PiSSA)" in res.output and "path_initial_model_for_weight_conversion" in res.output
-        assert res.output.count("\n") == 1
-    assert _snapshot(tmp_path) == before and not out.exists()
+    assert_refused(llama_base, pissa, tmp_path, "(PiSSA)", "path_initial_model_for_weight_conversion")
 
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(converted), "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
