@@ -12,13 +12,17 @@ Llama-3-70B-shaped layer (hidden 8192, MLP 28672). In one run, interleaved, whol
     patch cold/warm  repair patch --format adapter (certified), cold and warm
     peft             bench/peft_patch.py: transformers + PEFT load, reduce_intruder_dimension, save
   8B, --rss-layers layers: certified cold detect, peak RSS
-  70B, one layer: certified cold and exact cold on --modules-70b (complete 70B decompositions take
-    minutes per matrix on this machine, so the comparison covers the largest shapes, not all 7)
+  70B, one layer: certified cold and exact cold on q_proj and down_proj (complete 70B decompositions
+    take minutes per matrix on this machine, so the comparison covers the largest shapes, not all 7),
+    then certified cold on all 7 modules, extrapolated to 80 layers
 
 It prints medians (min, max), ratios per repeat, the cache size as a share of the model's bytes,
 peak RSS, the intruder sets of both paths (they must agree), and the extrapolation to 32 and 80 layers.
 
-    python bench/bench_scale.py [--layers 1] [--repeats 2] [--rss-layers 4] [--skip-70b]
+    python bench/bench_scale.py [--layers 1] [--repeats 2] [--rss-layers 4] [--skip-70b] [--device cpu]
+
+``--device cuda`` runs every command's linear algebra (and peft's) on the GPU; ``--rss-layers 0`` skips
+the memory run.
 """
 
 from __future__ import annotations
@@ -52,13 +56,14 @@ def timed(label: str, rows: dict, cmd: list[str], env: dict, clear: bool = False
     rows.setdefault(label, []).append(run(cmd, env))
 
 
-def bench_8b(work: Path, layers: int, repeats: int) -> dict:
+def bench_8b(work: Path, layers: int, repeats: int, device: str) -> dict:
     base = write_base(work / "8b" / "base", "8b", layers)
     adapter = write_adapter(work / "8b" / "adapter", base, "8b", layers)
     env = {"INTRUDER_REPAIR_CACHE": str(work / "cache")}
     cert, exact = work / "cert.json", work / "exact.json"
-    detect = repair("detect", str(base), str(adapter), "--json")
-    patch = repair("patch", str(base), str(adapter), "--format", "adapter", "--scale", "0.5", "--overwrite", "--out")
+    detect = repair("detect", str(base), str(adapter), "--device", device, "--json")
+    patch = repair("patch", str(base), str(adapter), "--device", device, "--format", "adapter", "--scale", "0.5",
+                   "--overwrite", "--out")
     rows: dict[str, list[tuple[float, float]]] = {}
     for i in range(repeats):
         print(f"[8b x{layers}] repeat {i + 1}/{repeats}", file=sys.stderr, flush=True)
@@ -70,10 +75,10 @@ def bench_8b(work: Path, layers: int, repeats: int) -> dict:
         timed("patch cold", rows, [*patch, str(work / "patched")], env, clear=True)
         timed("patch warm", rows, [*patch, str(work / "patched")], env)
         timed("peft", rows, [sys.executable, str(ROOT / "bench" / "peft_patch.py"), str(base), str(adapter),
-                             str(work / "peft"), "--scale", "0.5"], env)
+                             str(work / "peft"), "--scale", "0.5", "--device", device], env)
     model = folder_bytes(base)
     print(f"\n8B-shaped, {layers} layer(s), {model / 2**20:.0f} MiB bfloat16, LoRA r=16 on 7 modules; "
-          f"{repeats} interleaved repeats")
+          f"{repeats} interleaved repeats; --device {device}")
     for label, vals in rows.items():
         print(f"  {label:15} {summary([v[0] for v in vals])} s   peak RSS {summary([v[1] for v in vals])} MiB")
     secs = {label: [v[0] for v in vals] for label, vals in rows.items()}
@@ -101,20 +106,25 @@ def bench_rss(work: Path, layers: int) -> None:
     shutil.rmtree(work / "rss")
 
 
-def bench_70b(work: Path) -> None:
+def bench_70b(work: Path, device: str) -> None:
     base = write_base(work / "70b" / "base", "70b", 1)
     adapter = write_adapter(work / "70b" / "adapter", base, "70b", 1)
     env = {"INTRUDER_REPAIR_CACHE": str(work / "cache-70b")}
     rows: dict[str, list[tuple[float, float]]] = {}
     cert, exact = work / "cert70.json", work / "exact70.json"
-    detect = repair("detect", str(base), str(adapter), "--modules", MODULES_70B, "--json")
+    detect = repair("detect", str(base), str(adapter), "--device", device, "--modules", MODULES_70B, "--json")
     timed("certified cold", rows, [*detect, str(cert)], env, clear=True)
     timed("exact cold", rows, [*detect, str(exact), "--exact"], env, clear=True)
-    print("\n70B-shaped layer, q_proj (8192 x 8192) and down_proj (8192 x 28672), bfloat16, LoRA r=16; cold cache")
+    whole = repair("detect", str(base), str(adapter), "--device", device, "--json", str(work / "all70.json"))
+    timed("certified cold, all 7 modules", rows, whole, env, clear=True)
+    print("\n70B-shaped layer, q_proj (8192 x 8192) and down_proj (8192 x 28672), bfloat16, LoRA r=16; cold cache; "
+          f"--device {device}")
     for label, vals in rows.items():
-        print(f"  {label:15} {vals[0][0]:8.1f} s   peak RSS {vals[0][1]:.0f} MiB")
-    print(f"  certified vs exact: {rows['exact cold'][0][0] / rows['certified cold'][0][0]:.1f}x")
+        print(f"  {label:29} {vals[0][0]:8.1f} s   peak RSS {vals[0][1]:.0f} MiB")
+    print(f"  certified vs exact (q_proj, down_proj): {rows['exact cold'][0][0] / rows['certified cold'][0][0]:.1f}x")
     print(f"  intruder sets, certified == exact: {intruders(cert) == intruders(exact)}")
+    print(f"  extrapolated certified cold detect, 80 layers (Llama-3-70B): "
+          f"{80 * rows['certified cold, all 7 modules'][0][0] / 60:.0f} min")
 
 
 def main() -> None:
@@ -123,14 +133,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rss-layers", type=int, default=4)
     ap.add_argument("--skip-70b", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where every command's linear algebra runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
-        bench_8b(work, args.layers, args.repeats)
+        bench_8b(work, args.layers, args.repeats, args.device)
         shutil.rmtree(work / "8b")
-        bench_rss(work, args.rss_layers)
+        if args.rss_layers:
+            bench_rss(work, args.rss_layers)
         if not args.skip_70b:
-            bench_70b(work)
+            bench_70b(work, args.device)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Loads BASE with transformers, the LoRA adapter with PEFT, reduces the intruders and saves the new
 adapter, which is what ``repair patch --format adapter`` does in one command.
 
-    python bench/peft_patch.py BASE_DIR ADAPTER_DIR OUT_DIR [--scale 0.75] [--top-k 10] [--epsilon 0.5]
+    python bench/peft_patch.py BASE_DIR ADAPTER_DIR OUT_DIR [--scale 0.75] [--top-k 10] [--epsilon 0.5] [--device cpu]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.75)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--epsilon", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu", help="where the model (and so peft's SVDs) lives: cpu or cuda")
     args = ap.parse_args()
 
     import torch
@@ -26,7 +27,7 @@ def main() -> None:
     from peft.tuners.lora.intruders import reduce_intruder_dimension
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, device_map=args.device)
     peft_model = PeftModel.from_pretrained(model, args.adapter)
     reduce_intruder_dimension(peft_model, top_k=args.top_k, threshold_epsilon=args.epsilon,
                               mitigation_lambda=args.scale, logging_sink=None)

@@ -22,6 +22,8 @@ from .errors import RepairError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 LARGE_BYTES = 64 * 2**20  # float32 bytes from which a matrix runs alone on all threads (ordered_map's ``large``)
+_CUDA_LINALG = threading.Lock()
+_cuda_linalg_loaded = False
 R = TypeVar("R")
 
 
@@ -32,14 +34,26 @@ def default_workers() -> int:
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when present, else the CPU; an unavailable device is a usage error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise RepairError(f"--device: {device!r} is not a torch device (expected auto, cpu or cuda).") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RepairError("--device cuda: no CUDA device is available; use --device cpu.")
+    if dev.type == "cuda":
+        _load_cuda_linalg(dev)
     return dev
+
+
+def _load_cuda_linalg(dev: torch.device) -> None:
+    """Load torch's CUDA linear algebra library once, under a lock: torch loads it on first use, and two
+    threads doing so at once fail with "lazy wrapper should be called at most once" (pytorch#90613)."""
+    global _cuda_linalg_loaded
+    with _CUDA_LINALG:
+        if not _cuda_linalg_loaded:
+            torch.linalg.qr(torch.eye(2, device=dev))
+            _cuda_linalg_loaded = True
 
 
 @contextmanager

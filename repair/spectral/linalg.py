@@ -43,7 +43,9 @@ def svd(W: torch.Tensor) -> SVD:
     """Thin SVD of a 2-D matrix in float32 (float64 stays float64), with fixed signs."""
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
-    U, S, Vh = torch.linalg.svd(W.to(_compute_dtype(W)), full_matrices=False)
+    # cuSOLVER's default (Jacobi) SVD stops at a looser tolerance than LAPACK; its QR-based gesvd does not
+    driver = "gesvd" if W.is_cuda else None
+    U, S, Vh = torch.linalg.svd(W.to(_compute_dtype(W)), full_matrices=False, driver=driver)
     U, Vh = fix_signs(U, Vh)
     return SVD(U, S, Vh)
 
