@@ -61,7 +61,7 @@ def _cell(s: Score) -> str:
     return f"{s.metric} {s.value:.4f}{err}"
 
 
-def _corpus(spec: str, base: str | None, placement: Placement | None, chat: bool) -> list[str]:
+def forgetting_corpus(spec: str, base: str | None, placement: Placement | None, chat: bool) -> list[str]:
     """The forgetting corpus: base samples are drawn from ``base`` (cached under the same key as a sweep's)."""
     if not is_base_samples(spec):
         return load_corpus(spec)
@@ -129,7 +129,7 @@ def run_compare(models: list[str], tasks: list[str], limit: int | None = None, b
     if forgetting_spec and is_base_samples(forgetting_spec) and base is None:
         raise RepairError(f"--forgetting {forgetting_spec}: needs --base, the model whose own samples measure "
                           "forgetting.")
-    docs = _corpus(forgetting_spec, base, placement, settings.apply_chat_template) if forgetting_spec else None
+    docs = forgetting_corpus(forgetting_spec, base, placement, settings.apply_chat_template) if forgetting_spec else None
     rows = [_row(i, e, columns, limit, docs, out, batch_size, placement) for i, e in enumerate(entries)]
     report = CompareReport(tasks=names, limit=limit, lm_eval=settings.record(), forgetting=forgetting_spec, rows=rows)
     if out is not None:

@@ -56,7 +56,12 @@ def check_lora_config(config, where: str):
 
     peft_type = getattr(config.peft_type, "value", config.peft_type)
     if peft_type != "LORA" or not isinstance(config, LoraConfig):
-        raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported; expected 'LORA'.")
+        instead = ("it learns prompts, not weights, so there is no weight update to analyse"
+                   if getattr(config, "is_prompt_learning", False) else
+                   "merge it into its base with peft (merge_and_unload(), then save_pretrained) and pass that "
+                   "folder as TUNED, a full fine-tune")
+        raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported (supported: 'LORA', with DoRA, "
+                              f"rsLoRA, rank and alpha patterns, lora_bias and modules_to_save); {instead}.")
     if getattr(config, "layer_replication", None):
         raise CheckpointError(f"{where}: layer_replication is not supported.")
     refuse_mutated_base(getattr(config, "init_lora_weights", True), where)

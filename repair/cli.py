@@ -317,23 +317,44 @@ def finetune(recipe, out, overwrite):
 
 @main.command()
 @click.argument("base")
-@click.argument("tuned")
+@click.argument("tuned", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--k-max", default=50, show_default=True, type=int, help="Largest k in the intruders-vs-k curve.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Folder of step-N checkpoints for the Fig. 7 plot (one detection per step).")
 @click.option("--history", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="intruders.json from `repair finetune` (IntruderMonitor) for the Fig. 7 plot, without detection.")
+@click.option("--forgetting", "forgetting_spec", default=None,
+              help="Also measure each TUNED's forgetting on this corpus (base-samples:N, a text file, or a dataset) "
+                   "and draw intruders against it with Spearman's rho.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Documents per forward pass (--forgetting).")
 @_detect_options
 @_handle_errors
-def figures(base, tuned, out, k_max, checkpoints, history, detect_opts):
-    """Draw the paper's diagnostics for BASE vs TUNED: similarity matrix, ε and k curves, effective rank."""
-    from .figures import make_figures
-
+def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batch_size, detect_opts):
+    """Draw the paper's diagnostics for BASE vs one or more TUNED: similarity matrix, ε and k curves (one curve
+    per TUNED), effective rank; with --forgetting, intruders against forgetting across the TUNED models."""
     if checkpoints is not None and history is not None:
         raise click.UsageError("--checkpoints and --history both give Fig. 7's data; pass one of them.")
-    for f in make_figures(base, tuned, out, detect_opts.top_k, k_max, detect_opts, checkpoints, history):
+    if forgetting_spec is not None and (checkpoints is not None or history is not None):
+        raise click.UsageError("--forgetting compares several fine-tunes; Fig. 7 (--checkpoints/--history) follows "
+                               "one: run them separately.")
+    if forgetting_spec is not None:
+        from evals.across import figures_with_forgetting
+        from evals.models import Placement
+
+        report = figures_with_forgetting(base, tuned, out, forgetting_spec, detect_opts.top_k, k_max, detect_opts,
+                                         Placement(detect_opts.device), batch_size)
+    else:
+        from .figures import make_figures
+
+        report = make_figures(base, tuned if len(tuned) > 1 else tuned[0], out, detect_opts.top_k, k_max,
+                              detect_opts, checkpoints, history)
+    for f in report.files:
         click.echo(f"wrote {f}")
+    if report.spearman is not None:
+        click.echo(f"intruders against forgetting: Spearman rho {report.spearman.rho:.3f} "
+                   f"(p = {report.spearman.p_value:.2g}, n = {report.spearman.n})")
+    click.echo(f"wrote {out / 'figures.json'}")
 
 
 @main.command()

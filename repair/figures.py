@@ -1,9 +1,12 @@
 """``repair figures``: the paper's diagnostics for any base/tuned pair, drawn with matplotlib.
 
 - similarity matrix of the top-k singular vectors (Fig. 1/3) for the matrix with most intruders;
-- intruder count against ε (Fig. 5) and against k (Fig. 11);
+- intruder count against ε (Fig. 5) and against k (Fig. 11), one curve per fine-tune when several
+  of one base are given;
 - effective rank of ΔW per layer and module type (Fig. 6);
 - over a folder of training checkpoints: the intruders' rank and σ against the step (Fig. 7).
+
+The curves' numbers go to ``figures.json`` (``FiguresReport``) beside the images.
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
+from . import __version__
 from .archs import module_type
 from .detector import DetectOptions, analyse, analyse_pairs
+from .durable import write_text_atomic
 from .errors import RepairError
 from .pairs import PairSource
+from .report import SCHEMA_VERSION
 from .sources import resolve
 
 logger = logging.getLogger(__name__)
@@ -37,6 +45,40 @@ class MatrixStats:
     erank: float
 
 
+class AdapterCurves(BaseModel):
+    """One fine-tune's intruder counts, summed over every analysed matrix (Fig. 5 and Fig. 11)."""
+
+    label: str = Field(description="the fine-tune's name in the figures (its folder name, made unique)")
+    tuned: str
+    top_k: int
+    epsilon: float = Field(description="the ε of the k curve and of `intruders`")
+    epsilons: list[float]
+    by_epsilon: list[int] = Field(description="intruders among the top `top_k` at each of `epsilons`")
+    by_k: list[int] = Field(description="intruders at `epsilon` among the top k, for k = 1, 2, ...")
+    intruders: int = Field(description="intruders at (`epsilon`, `top_k`), as `repair detect` counts them")
+    forgetting_nll: float | None = None
+    forgetting_stderr: float | None = None
+
+
+class Spearman(BaseModel):
+    rho: float
+    p_value: float
+    n: int
+
+
+class FiguresReport(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    tool_version: str = __version__
+    base: str
+    adapters: list[AdapterCurves]
+    forgetting: str | None = Field(None, description="the forgetting corpus, when forgetting was measured")
+    spearman: Spearman | None = Field(None, description="intruders against forgetting NLL, over the adapters")
+    files: list[str] = Field(default_factory=list)
+
+    def write(self, out: Path) -> None:
+        write_text_atomic(out / "figures.json", json.dumps(self.model_dump(), indent=2) + "\n")
+
+
 def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> list[MatrixStats]:
     """One pass: everything the figures need for every selected matrix.
 
@@ -51,7 +93,7 @@ def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> l
     return stats
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,15 +102,15 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_similarity(m: MatrixStats, epsilon: float, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.5), dpi=120)
     im = ax.imshow(m.similarity.numpy(), cmap="viridis", vmin=0, vmax=1, origin="lower")
     k = m.similarity.shape[0]
@@ -79,29 +121,45 @@ def plot_similarity(m: MatrixStats, epsilon: float, path: Path) -> Path:
     ax.set_ylabel("pre-trained singular vector (rank)")
     ax.set_title(f"{m.name}\n|cos| of top-{k} singular vectors (red: intruders)", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def plot_counts(stats: list[MatrixStats], k: int, epsilon: float, out: Path) -> list[Path]:
-    plt = _plt()
-    k_max = stats[0].max_cos.shape[0]
+def curves(stats: list[MatrixStats], label: str, tuned: str, k: int, epsilon: float) -> AdapterCurves:
+    """The ε curve at k and the k curve at ε, from the decisive |cos| of every matrix."""
+    k_max = max(k, max((m.max_cos.shape[0] for m in stats), default=k))
+    by_eps = [sum(int((m.max_cos[:k] < e).sum()) for m in stats) for e in EPSILONS]
+    by_k = [sum(int((m.max_cos[:kk] < epsilon).sum()) for m in stats) for kk in range(1, k_max + 1)]
+    return AdapterCurves(label=label, tuned=tuned, top_k=k, epsilon=epsilon, epsilons=EPSILONS, by_epsilon=by_eps,
+                         by_k=by_k, intruders=by_k[k - 1])
+
+
+def plot_counts(adapters: list[AdapterCurves], out: Path) -> list[Path]:
+    """Fig. 5 (intruders against ε) and Fig. 11 (against k): one curve per fine-tune."""
+    plt = pyplot()
+    several = len(adapters) > 1
+    a0 = adapters[0]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.plot(EPSILONS, [sum(int((m.max_cos[:k] < e).sum()) for m in stats) for e in EPSILONS], "o-")
+    for a in adapters:
+        ax.plot(a.epsilons, a.by_epsilon, "o-", ms=3, label=a.label)
     ax.set_xlabel("ε (cosine similarity threshold)")
-    ax.set_ylabel(f"intruders in top {k} (all matrices)")
+    ax.set_ylabel(f"intruders in top {a0.top_k} (all matrices)")
     ax.grid(alpha=0.3)
-    a = _save(fig, out / "intruders_vs_epsilon.png")
+    if several:
+        ax.legend(fontsize=7)
+    a = save_figure(fig, out / "intruders_vs_epsilon.png")
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ks = list(range(1, k_max + 1))
-    ax.plot(ks, [sum(int((m.max_cos[:kk] < epsilon).sum()) for m in stats) for kk in ks], "-")
+    for c in adapters:
+        ax.plot(range(1, len(c.by_k) + 1), c.by_k, "-", label=c.label)
     ax.set_xlabel("k (top singular vectors examined)")
-    ax.set_ylabel(f"intruders at ε={epsilon}")
+    ax.set_ylabel(f"intruders at ε={a0.epsilon}")
     ax.grid(alpha=0.3)
-    return [a, _save(fig, out / "intruders_vs_k.png")]
+    if several:
+        ax.legend(fontsize=7)
+    return [a, save_figure(fig, out / "intruders_vs_k.png")]
 
 
 def plot_effective_rank(stats: list[MatrixStats], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
     by_type: dict[str, list[tuple[int, float]]] = {}
     for m in stats:
@@ -114,7 +172,7 @@ def plot_effective_rank(stats: list[MatrixStats], path: Path) -> Path:
     ax.set_ylabel("effective rank of ΔW")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _step(folder: Path) -> int:
@@ -154,7 +212,7 @@ def history_rows(history: Path, matrix: str) -> tuple[list[TrainingRow], int]:
 
 def plot_training(rows: list[TrainingRow], matrix: str, k: int, path: Path) -> Path:
     """Fig. 7: for one matrix, the rank and σ of its intruders at each measured step."""
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     for step, ranks, sig in rows:
         left.scatter([step] * len(ranks), ranks, color="tab:red", s=14)
@@ -166,26 +224,48 @@ def plot_training(rows: list[TrainingRow], matrix: str, k: int, path: Path) -> P
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     fig.suptitle(matrix, fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def make_figures(base: str, tuned: str, out: Path, k: int = 10, k_max: int = 50, opts: DetectOptions | None = None,
-                 checkpoints: Path | None = None, history: Path | None = None) -> list[Path]:
-    """Draw every diagnostic into ``out``; returns the files written.
+def adapter_labels(refs: Sequence[str]) -> list[str]:
+    """Each fine-tune's folder name (file-name safe), numbered where two would be the same."""
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(r.rstrip("/")).name) or "tuned" for r in refs]
+    return [n if names.count(n) == 1 else f"{i + 1}-{n}" for i, n in enumerate(names)]
 
-    Fig. 7 comes from ``history`` (the monitor's record, no detection) or from ``checkpoints`` (one per step).
+
+def make_figures(base: str, tuned: str | Sequence[str], out: Path, k: int = 10, k_max: int = 50,
+                 opts: DetectOptions | None = None, checkpoints: Path | None = None,
+                 history: Path | None = None) -> FiguresReport:
+    """Draw every diagnostic into ``out`` and write ``figures.json``; returns its report.
+
+    With several fine-tunes of ``base``, the ε and k curves hold one curve each, and each one's similarity
+    and effective-rank figures go to ``out/<label>/``. Fig. 7 comes from ``history`` (the monitor's record,
+    no detection) or from ``checkpoints`` (one per step), for a single fine-tune.
     """
+    refs = [tuned] if isinstance(tuned, str) else list(tuned)
+    if not refs:
+        raise RepairError("repair figures: expected at least one TUNED model.")
+    several = len(refs) > 1
+    if several and (history is not None or checkpoints is not None):
+        raise RepairError("--history/--checkpoints: Fig. 7 follows one fine-tune; pass a single TUNED with them.")
     opts = opts or DetectOptions(top_k=k)
     opts.validate()
-    out.mkdir(parents=True, exist_ok=True)
-    stats = collect(base, tuned, k, max(k, k_max), opts)
-    worst = min(stats, key=lambda m: (-int((m.max_cos[:k] < opts.epsilon).sum()), float(m.max_cos[:k].min())))
-    files = [plot_similarity(worst, opts.epsilon, out / "similarity.png"),
-             *plot_counts(stats, k, opts.epsilon, out), plot_effective_rank(stats, out / "effective_rank.png")]
-    if history is not None:
-        rows, k_hist = history_rows(history, worst.name)
-        files.append(plot_training(rows, worst.name, k_hist, out / "training_intruders.png"))
-    elif checkpoints is not None:
-        rows = checkpoint_rows(base, checkpoints, worst.name, k, opts)
-        files.append(plot_training(rows, worst.name, k, out / "training_intruders.png"))
-    return files
+    files, adapters = [], []
+    for ref, label in zip(refs, adapter_labels(refs), strict=True):
+        folder = out / label if several else out
+        folder.mkdir(parents=True, exist_ok=True)
+        stats = collect(base, ref, k, max(k, k_max), opts)
+        worst = min(stats, key=lambda m: (-int((m.max_cos[:k] < opts.epsilon).sum()), float(m.max_cos[:k].min())))
+        files += [plot_similarity(worst, opts.epsilon, folder / "similarity.png"),
+                  plot_effective_rank(stats, folder / "effective_rank.png")]
+        if history is not None:
+            rows, k_hist = history_rows(history, worst.name)
+            files.append(plot_training(rows, worst.name, k_hist, out / "training_intruders.png"))
+        elif checkpoints is not None:
+            rows = checkpoint_rows(base, checkpoints, worst.name, k, opts)
+            files.append(plot_training(rows, worst.name, k, out / "training_intruders.png"))
+        adapters.append(curves(stats, label, ref, k, opts.epsilon))
+    files += plot_counts(adapters, out)
+    report = FiguresReport(base=base, adapters=adapters, files=[str(f) for f in files])
+    report.write(out)
+    return report

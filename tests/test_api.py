@@ -115,7 +115,8 @@ def test_live_refusals_are_the_file_paths_sentences(tmp_path):
         repair.detect_model(tiny_llama())
     ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"],
                                                  feedforward_modules=["down_proj"]))
-    with pytest.raises(RepairError, match=r"peft_type 'IA3' is not supported; expected 'LORA'\.$"):
+    refused = r"peft_type 'IA3' is not supported \(supported: 'LORA'.*merge_and_unload\(\).*as TUNED, a full fine-tune\.$"
+    with pytest.raises(RepairError, match=refused):
         repair.detect_model(ia3)
     live = live_adapter(tiny_llama, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unknown option.*topk.*expected some of"):

@@ -81,7 +81,7 @@ FILE_CASES = {
     "missing_base": "no such file or folder",
     "missing_tuned": "no such file or folder",
     "other_base": "model.layers.0.self_attn.q_proj",
-    "peft_type": "'PREFIX_TUNING' is not supported",
+    "peft_type": "it learns prompts, not weights, so there is no weight update to analyse.",
     "bad_config": "adapter_config.json: not a valid PEFT adapter config",
     "truncated_base": "model.safetensors: not a readable safetensors file",
     "truncated_adapter": "adapter_model.safetensors: not a readable safetensors file",

@@ -195,3 +195,64 @@ def test_jsonl_data_path_is_relative_to_the_recipe(llama_base, tmp_path):
     (tmp_path / "data.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(RepairError, match="'prompt' and 'completion'"):
         training_rows(load_recipe(write(tmp_path, d)))
+
+
+def _average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank (Spearman's convention)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            ranks[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def test_figures_across_fine_tunes_with_forgetting(llama_base, corpus_file, tmp_path):
+    """Several TUNED: one ε and k curve each (what `repair detect` counts), each one's forgetting NLL as
+    transformers computes it on the merged model, and Spearman's ρ of the two from ranks by hand."""
+    from conftest import char_tokenizer, make_adapter, tiny_llama
+    from peft import PeftModel
+    from test_evals import direct_nll
+
+    from evals.corpus import load_corpus
+    from repair.detector import DetectOptions, detect
+
+    adapters = [make_adapter(tiny_llama, llama_base, tmp_path / f"a{i}", seed=i, r=4, lora_alpha=8, b_scale=b,
+                             target_modules=["q_proj", "v_proj", "down_proj"])
+                for i, b in enumerate((0.02, 0.3, 1.0, 3.0))]
+    out = tmp_path / "fig"
+    res = CliRunner().invoke(main, ["figures", str(llama_base), *map(str, adapters), "--out", str(out), "--k-max", "20",
+                                    "--forgetting", str(corpus_file), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "figures.json").read_text())
+    assert [a["label"] for a in report["adapters"]] == ["a0", "a1", "a2", "a3"]
+    docs = load_corpus(str(corpus_file))
+    for a, path in zip(report["adapters"], adapters, strict=True):
+        for eps, count in zip(a["epsilons"], a["by_epsilon"], strict=True):
+            if eps in (0.3, 0.5, 0.7):
+                assert count == detect(str(llama_base), str(path), DetectOptions(epsilon=eps)).total_intruders
+        assert a["by_k"][19] == detect(str(llama_base), str(path), DetectOptions(top_k=20)).total_intruders
+        assert a["intruders"] == a["by_k"][9]
+        merged = PeftModel.from_pretrained(tiny_llama(), str(path)).merge_and_unload().eval()
+        assert a["forgetting_nll"] == pytest.approx(direct_nll(merged, char_tokenizer(), docs), rel=1e-5)
+        assert a["forgetting_stderr"] > 0
+        assert (out / a["label"] / "similarity.png").stat().st_size > 5000
+    counts = [a["intruders"] for a in report["adapters"]]
+    nlls = [a["forgetting_nll"] for a in report["adapters"]]
+    assert len(set(counts)) > 1 and len(set(nlls)) == 4  # the fixture spreads both
+    x, y = _average_ranks(counts), _average_ranks(nlls)
+    mx, my = sum(x) / 4, sum(y) / 4
+    rho = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / (
+        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)) ** 0.5
+    assert report["spearman"]["rho"] == pytest.approx(rho, abs=1e-12) and report["spearman"]["n"] == 4
+    assert f"Spearman rho {rho:.3f}" in res.output
+    for name in ("intruders_vs_epsilon", "intruders_vs_k", "intruders_vs_forgetting"):
+        assert (out / f"{name}.png").stat().st_size > 5000, name
+    res = CliRunner().invoke(main, ["figures", str(llama_base), *map(str, adapters[:2]), "--out", str(tmp_path / "h"),
+                                    "--history", str(corpus_file)])
+    assert res.exit_code == 2 and "single TUNED" in res.output
