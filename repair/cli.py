@@ -347,8 +347,7 @@ def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batc
     else:
         from .figures import make_figures
 
-        report = make_figures(base, tuned if len(tuned) > 1 else tuned[0], out, detect_opts.top_k, k_max,
-                              detect_opts, checkpoints, history)
+        report = make_figures(base, list(tuned), out, detect_opts.top_k, k_max, detect_opts, checkpoints, history)
     for f in report.files:
         click.echo(f"wrote {f}")
     if report.spearman is not None:

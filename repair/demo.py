@@ -69,7 +69,7 @@ def run_demo(out: Path, retrain: bool = False, limit: int | None = 200) -> DemoR
         extra_columns=(TaskColumn(TASK, EvalSettings(apply_chat_template=True), label=CHAT_COLUMN),)))
     history = adapter.parent / "intruders.json" if retrain else None  # the monitor's record of the retraining
     figures = make_figures(BASE, adapter_ref, out / "figures", k_max=30, history=history)
-    return DemoResult(detection, sweep, figures, adapter)
+    return DemoResult(detection, sweep, [Path(f) for f in figures.files], adapter)
 
 
 def _retrain(out: Path) -> Path:

@@ -87,11 +87,11 @@ def merged_state(base_model_fn, adapter_path: Path) -> dict[str, torch.Tensor]:
 
 
 def same_records(a: list, b: list, tol: float = 2e-6) -> bool:
-    """Report entries equal, floats to ``tol`` (relative above 1): BLAS may round differently on differently
-    aligned memory (mmap'd files against tensors torch allocated), and reports keep 6 decimals."""
+    """Report entries equal, floats to ``tol``: BLAS may round differently on differently aligned memory
+    (mmap'd files against tensors torch allocated), and reports keep 6 decimals."""
     def close(x, y) -> bool:
         if isinstance(x, float) and isinstance(y, float):
-            return abs(x - y) <= tol * max(1.0, abs(x), abs(y))
+            return abs(x - y) <= tol
         if isinstance(x, list) and isinstance(y, list):
             return len(x) == len(y) and all(close(u, v) for u, v in zip(x, y, strict=True))
         if isinstance(x, dict) and isinstance(y, dict):
