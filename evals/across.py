@@ -25,12 +25,12 @@ MIN_FOR_RHO = 3  # fine-tunes needed before a rank correlation says anything
 
 def figures_with_forgetting(base: str, tuned: Sequence[str], out: Path, forgetting_spec: str, k: int = 10,
                             k_max: int = 50, opts: DetectOptions | None = None, placement: Placement | None = None,
-                            batch_size: int | str = 8) -> FiguresReport:
+                            batch_size: int | str = 8, labels: Sequence[str] | None = None) -> FiguresReport:
     """``repair figures`` for several fine-tunes, plus each one's forgetting and intruders against it."""
     check_batch_size(batch_size)
     placement = placement or Placement()
     placement.validate()
-    report = make_figures(base, list(tuned), out, k, k_max, opts)
+    report = make_figures(base, list(tuned), out, k, k_max, opts, labels=labels)
     docs = forgetting_corpus(forgetting_spec, base, placement, chat=False)
     for a in report.adapters:
         model, tok, _ = load_model(a.tuned, base, placement)

@@ -328,9 +328,11 @@ def finetune(recipe, out, overwrite):
               help="Also measure each TUNED's forgetting on this corpus (base-samples:N, a text file, or a dataset) "
                    "and draw intruders against it with Spearman's rho.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Documents per forward pass (--forgetting).")
+@click.option("--labels", default=None, help="Comma-separated names for the TUNED models in the figures "
+                                             "(default: their folder names).")
 @_detect_options
 @_handle_errors
-def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batch_size, detect_opts):
+def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batch_size, labels, detect_opts):
     """Draw the paper's diagnostics for BASE vs one or more TUNED: similarity matrix, ε and k curves (one curve
     per TUNED), effective rank; with --forgetting, intruders against forgetting across the TUNED models."""
     if checkpoints is not None and history is not None:
@@ -338,16 +340,18 @@ def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batc
     if forgetting_spec is not None and (checkpoints is not None or history is not None):
         raise click.UsageError("--forgetting compares several fine-tunes; Fig. 7 (--checkpoints/--history) follows "
                                "one: run them separately.")
+    names = None if labels is None else [n.strip() for n in labels.split(",")]
     if forgetting_spec is not None:
         from evals.across import figures_with_forgetting
         from evals.models import Placement
 
         report = figures_with_forgetting(base, tuned, out, forgetting_spec, detect_opts.top_k, k_max, detect_opts,
-                                         Placement(detect_opts.device), batch_size)
+                                         Placement(detect_opts.device), batch_size, names)
     else:
         from .figures import make_figures
 
-        report = make_figures(base, list(tuned), out, detect_opts.top_k, k_max, detect_opts, checkpoints, history)
+        report = make_figures(base, list(tuned), out, detect_opts.top_k, k_max, detect_opts, checkpoints, history,
+                              names)
     for f in report.files:
         click.echo(f"wrote {f}")
     if report.spearman is not None:

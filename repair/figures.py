@@ -227,19 +227,22 @@ def plot_training(rows: list[TrainingRow], matrix: str, k: int, path: Path) -> P
     return save_figure(fig, path)
 
 
-def adapter_labels(refs: Sequence[str]) -> list[str]:
-    """Each fine-tune's folder name (file-name safe), numbered where two would be the same."""
-    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", Path(r.rstrip("/")).name) or "tuned" for r in refs]
+def adapter_labels(refs: Sequence[str], given: Sequence[str] | None = None) -> list[str]:
+    """The labels given, or each fine-tune's folder name; file-name safe, numbered where two would be the same."""
+    if given is not None and len(given) != len(refs):
+        raise RepairError(f"--labels: expected {len(refs)} labels, one per TUNED, got {len(given)}.")
+    names = [re.sub(r"[^A-Za-z0-9._-]+", "_", n) or "tuned" for n in
+             (given if given is not None else [Path(r.rstrip("/")).name for r in refs])]
     return [n if names.count(n) == 1 else f"{i + 1}-{n}" for i, n in enumerate(names)]
 
 
 def make_figures(base: str, tuned: str | Sequence[str], out: Path, k: int = 10, k_max: int = 50,
                  opts: DetectOptions | None = None, checkpoints: Path | None = None,
-                 history: Path | None = None) -> FiguresReport:
+                 history: Path | None = None, labels: Sequence[str] | None = None) -> FiguresReport:
     """Draw every diagnostic into ``out`` and write ``figures.json``; returns its report.
 
     With several fine-tunes of ``base``, the ε and k curves hold one curve each, and each one's similarity
-    and effective-rank figures go to ``out/<label>/``. Fig. 7 comes from ``history`` (the monitor's record,
+    and effective-rank figures go to ``out/<label>/`` (``labels``, else the folder names). Fig. 7 comes from ``history`` (the monitor's record,
     no detection) or from ``checkpoints`` (one per step), for a single fine-tune.
     """
     refs = [tuned] if isinstance(tuned, str) else list(tuned)
@@ -251,7 +254,7 @@ def make_figures(base: str, tuned: str | Sequence[str], out: Path, k: int = 10, 
     opts = opts or DetectOptions(top_k=k)
     opts.validate()
     files, adapters = [], []
-    for ref, label in zip(refs, adapter_labels(refs), strict=True):
+    for ref, label in zip(refs, adapter_labels(refs, labels), strict=True):
         folder = out / label if several else out
         folder.mkdir(parents=True, exist_ok=True)
         stats = collect(base, ref, k, max(k, k_max), opts)

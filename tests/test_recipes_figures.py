@@ -256,3 +256,14 @@ def test_figures_across_fine_tunes_with_forgetting(llama_base, corpus_file, tmp_
     res = CliRunner().invoke(main, ["figures", str(llama_base), *map(str, adapters[:2]), "--out", str(tmp_path / "h"),
                                     "--history", str(corpus_file)])
     assert res.exit_code == 2 and "single TUNED" in res.output
+    named = tmp_path / "named"
+    res = CliRunner().invoke(main, ["figures", str(llama_base), *map(str, adapters[:2]), "--out", str(named),
+                                    "--labels", "weak, strong"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((named / "figures.json").read_text())
+    assert [a["label"] for a in again["adapters"]] == ["weak", "strong"] and again["spearman"] is None
+    assert [a["by_epsilon"] for a in again["adapters"]] == [a["by_epsilon"] for a in report["adapters"][:2]]
+    assert (named / "strong" / "effective_rank.png").is_file()
+    res = CliRunner().invoke(main, ["figures", str(llama_base), *map(str, adapters[:2]), "--out", str(named),
+                                    "--labels", "one"])
+    assert res.exit_code == 2 and "--labels: expected 2 labels, one per TUNED, got 1." in res.output
