@@ -91,7 +91,7 @@ def test_sweep_on_cuda_and_on_a_split_model_equal_the_cpu(llama_base, llama_adap
                                         "--device", dev, "--dtype", "float32"])
         assert res.exit_code == 0, (label, res.output)
         report = json.loads((out / "sweep.json").read_text())
-        points[label] = [p for p in [report["base"], report["tuned"], *report["points"]]]
+        points[label] = [report["base"], report["tuned"], *report["points"]]
     for label in ("cuda", "split"):
         for want, got in zip(points["cpu"], points[label], strict=True):
             assert got["scale"] == want["scale"] and got["intruders"] == want["intruders"], label
