@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import torch
 
+from .cores import background_job, large_matrix
 from .errors import RepairError
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: i
                 if large is not None and large(item):
                     while pending:
                         yield pending.popleft().result()
-                    with torch_threads(workers):
+                    with torch_threads(workers), large_matrix(workers):
                         yield fn(item)
                     continue
                 if len(pending) >= workers + depth:
@@ -116,7 +117,8 @@ def in_background(fn: Callable[[], object]) -> Callable[[], None]:
 
     def run() -> None:
         try:
-            fn()
+            with background_job():  # large products meanwhile leave it a core (``cores``)
+                fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller by join()
             failure.append(e)
 

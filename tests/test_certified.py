@@ -186,6 +186,42 @@ def test_truncated_spectrum_against_float64_svd():
     assert tall.side == "right" and torch.allclose(tall.S, spec.S, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(160, 300), (300, 160)])
+def test_coarse_bfloat16_start_changes_nothing_it_certifies(shape, monkeypatch):
+    """Forced onto a small matrix, the bfloat16 coarse start runs, and the kept pairs still meet the float32
+    tolerance: values as a float64 SVD's, each vector within its recorded error of the true one."""
+    from repair.spectral import truncated
+
+    calls = []
+    coarse = truncated._coarse_gram
+    monkeypatch.setattr(truncated, "COARSE_MIN", 0)
+    monkeypatch.setattr(truncated, "_coarse_gram", lambda *a: calls.append(a[0].dtype) or coarse(*a))
+    W0, _, _ = planted_lowrank(*shape, 1, seed=4)
+    spec = compute_truncated(W0.float(), 40)
+    assert calls and calls[0] == torch.bfloat16
+    U, S, Vh = torch.linalg.svd(W0.float().double(), full_matrices=False)
+    truth = U if shape[0] <= shape[1] else Vh.T  # the smaller side's vectors
+    p = spec.p
+    assert p == 40 and torch.allclose(spec.S, S[:p], rtol=1e-5)
+    Z, u = spec.Z.double(), truth[:, :p]
+    away = (Z - u * (u * Z).sum(0)).norm(dim=0)  # the part of z_i off u_i (sin of the angle: no cancellation)
+    assert (away <= spec.errors + 1e-6).all()  # each vector within its recorded error
+    assert spec.residual <= base_tol(max(shape)) * float(S[0]) ** 2
+
+
+def test_coarse_start_keeps_certified_answers(monkeypatch):
+    """The whole certified path with the coarse start forced on: same intruders and bounds as float64 SVDs."""
+    from repair.spectral import truncated
+
+    monkeypatch.setattr(truncated, "COARSE_MIN", 0)
+    for r in (1, 16):
+        W0, B, A = planted_lowrank(200, 400, r, seed=r)
+        W0, B, A = W0.float(), B.float(), A.float()
+        t = certify(W0, B, A)
+        assert t is not None
+        check(t, W0, W0.double() + B.double() @ A.double())
+
+
 def test_lanczos_quadrature_matches_moments_and_bounds_point_masses():
     """Gauss quadrature reproduces the first 2s moments of the measure, and the pair sums bound every mass."""
     gen = torch.Generator().manual_seed(0)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..cores import share
 from .christoffel import point_mass_bounds
 from .krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
 from .linalg import fix_signs
@@ -40,7 +41,7 @@ from .topk import degenerate_flags
 from .truncated import SEED, TruncatedSpectrum, base_tol, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
-STEPS = (16, 32, 48, 64, 96, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
+STEPS = tuple(range(16, 129, 4))  # Lanczos steps per certificate, raised (continuing the run) while undecided
 TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float32 reaches about 3e-7), aimed for;
 # a solver that stalls above it is accepted down to the rounding of an n-term float32 product (``base_tol``):
 # the residuals widen every bound (Davis-Kahan), so a looser residual costs sharpness, never correctness
@@ -159,6 +160,7 @@ class _Tuned:
         return self.W0 @ Y + self.B @ (self.A @ Y)
 
     def gram(self, X: torch.Tensor) -> torch.Tensor:
+        share()
         return self.mul(self.mul_t(X))
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cores import share
 from .krylov import GUARD, t_mul, top_eigenpairs
 from .linalg import sign_rule
 from .spectra import SideName
@@ -28,7 +29,10 @@ P_MARGIN = 16  # p >= k + r + P_MARGIN
 BASE_BUDGET = 12  # operator columns per wanted pair before the solver keeps what has converged
 MAX_DIM = 8  # basis columns per wanted pair before a thick restart (4 took a quarter more products at 8192 wide)
 SEED = 0
-SOLVER = f"budget={BASE_BUDGET},tol=2sqrt(n)u,seed={SEED}"  # stored with each spectrum; another value is a miss
+COARSE_TOL = 3e-3  # residual (relative to θ_1) at which the bfloat16 coarse solve hands over: about its rounding
+COARSE_MIN = 2048  # smaller side from which a matrix gets the coarse solve first (below, float32 alone is quick)
+SOLVER = f"budget={BASE_BUDGET},tol=2sqrt(n)u,seed={SEED},coarse=bf16:{COARSE_TOL}@{COARSE_MIN}"  # stored with
+# each spectrum; another value is a miss
 
 
 def base_tol(n: int, dtype: torch.dtype = torch.float32) -> float:
@@ -103,9 +107,21 @@ class TruncatedSpectrum:
 
 def gram_operator(W: torch.Tensor, side: SideName):
     """X (b, d, c) -> M X for M = W Wᵀ (side "left") or Wᵀ W, with W (b, m, n)."""
-    if side == "left":
-        return lambda X: W @ t_mul(W, X)
-    return lambda X: t_mul(W, W @ X)
+    def left(X: torch.Tensor) -> torch.Tensor:
+        share()
+        return W @ t_mul(W, X)
+
+    def right(X: torch.Tensor) -> torch.Tensor:
+        share()
+        return t_mul(W, W @ X)
+
+    return left if side == "left" else right
+
+
+def _coarse_gram(W: torch.Tensor, side: SideName, dtype: torch.dtype):
+    """The Gram operator of a bfloat16 W (b, m, n), taking and giving ``dtype`` blocks (for starting blocks only)."""
+    op = gram_operator(W, side)
+    return lambda X: op(X.to(torch.bfloat16)).to(dtype)
 
 
 def compute_truncated(stored: torch.Tensor, p: int, device: torch.device | str = "cpu") -> TruncatedSpectrum:
@@ -117,13 +133,16 @@ def compute_truncated(stored: torch.Tensor, p: int, device: torch.device | str =
     d = min(m, n)
     p = min(p, d)
     cd = torch.float64 if stored.dtype == torch.float64 else torch.float32
-    W = stored.detach().to(device=device, dtype=cd)[None]  # (1, m, n)
-    op = gram_operator(W, side)
     gen = torch.Generator().manual_seed(SEED)
     start = torch.randn(d, min(d, p + GUARD), generator=gen, dtype=cd).to(device)[None]
     want, tol = min(d, p + GUARD), base_tol(max(m, n), cd)
-    res = top_eigenpairs(op, start, p, tol, max_dim=min(d, MAX_DIM * want), max_products=BASE_BUDGET * want,
-                         expand_all=False)
+    solve = dict(max_dim=min(d, MAX_DIM * want), max_products=BASE_BUDGET * want, expand_all=False)
+    if cd == torch.float32 and d >= COARSE_MIN:
+        coarse = stored.detach().to(device=device, dtype=torch.bfloat16)[None]  # (1, m, n)
+        start = top_eigenpairs(_coarse_gram(coarse, side, cd), start, p, COARSE_TOL, **solve).Y
+        del coarse
+    W = stored.detach().to(device=device, dtype=cd)[None]  # (1, m, n)
+    res = top_eigenpairs(gram_operator(W, side), start, p, tol, **solve)
     theta, resid = res.theta[0].clamp_min(0), res.residual[0]
     keep = torch.nonzero(resid[:p] <= tol * max(float(theta[0]), torch.finfo(cd).tiny)).flatten()
     Z = res.Y[0][:, keep]  # the converged pairs, in descending order
