@@ -1,8 +1,8 @@
 """What an adapter config means, resolved by peft once per config and remembered.
 
 peft parses ``adapter_config.json`` and resolves each module's rank and scaling
-(``rank_pattern``/``alpha_pattern``, rsLoRA). Importing peft costs ~7 s here, longer than a warm
-``repair patch`` takes, so the resolution is stored in the cache, keyed by the config's bytes, the
+(``rank_pattern``/``alpha_pattern``, rsLoRA). Importing peft takes about 4 s of CPU here, longer than
+a warm ``repair patch`` takes, so the resolution is stored in the cache, keyed by the config's bytes, the
 adapter's module list and the peft version; the next run on the same adapter reads it back.
 """
 

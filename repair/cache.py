@@ -3,7 +3,7 @@
     spectra/<hash>.safetensors   base spectra, keyed by tensor content (repair.spectra)
     adapters/<hash>.json         adapter configs as peft resolved them (repair.adapter_settings)
     file-hashes.json             sha256 of large input files, by path, size and mtime (provenance)
-    models/<name>/               embedded models converted from GGUF (repair.sources)
+    models/<name>/               embedded models, and GGUF inputs (gguf-<sha256>), converted to safetensors (repair.sources)
 """
 
 from __future__ import annotations

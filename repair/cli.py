@@ -50,7 +50,7 @@ def main(verbose: int, debug: bool) -> None:
 
 
 _DETECT_PARAMS = ("top_k", "epsilon", "side", "modules", "allow_pickle", "no_cache", "threads", "device", "method",
-                  "exact")
+                  "exact", "revision", "token")
 
 
 def _method(method: str | None, exact: bool) -> str:
@@ -72,7 +72,7 @@ def _detect_options(f):
         kwargs["detect_opts"] = DetectOptions(
             top_k=p["top_k"], epsilon=p["epsilon"], side=p["side"], modules=p["modules"],
             allow_pickle=p["allow_pickle"], cache=not p["no_cache"], threads=p["threads"], device=p["device"],
-            method=_method(p["method"], p["exact"]))
+            method=_method(p["method"], p["exact"]), revision=p["revision"], token=p["token"])
         return f(*args, **kwargs)
 
     for opt in reversed([
@@ -90,6 +90,10 @@ def _detect_options(f):
                      help="certified: bounds from each base matrix's top singular triplets; exact: complete base "
                           "decompositions; auto (default): certified where the smaller side is >= 1024."),
         click.option("--exact", is_flag=True, help="Same as --method exact."),
+        click.option("--revision", default=None,
+                     help="Hub ids: the branch, tag or commit to fetch (ID@REV in a reference overrides it)."),
+        click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True,
+                     help="Hub token for private or gated repositories (never recorded in outputs)."),
     ]):
         wrapper = opt(wrapper)
     return wrapper

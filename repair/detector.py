@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -17,7 +17,7 @@ from .pairs import MatrixPair, PairSource
 from .pipeline import default_workers, ordered_batches, resolve_device
 from .report import DetectionReport, MatrixReport, Side
 from .solver import Method, certifies, sides_of, solve_pairs, tuned_topks
-from .sources import resolve
+from .sources import HubOptions, resolve
 from .spectral.certified import Decisions
 from .spectral.linalg import effective_rank, lowrank_singular_values
 from .spectral.spectra import BaseSpectrum, compute_spectrum
@@ -40,6 +40,8 @@ class DetectOptions:
     device: str = "auto"  # where the linear algebra runs: auto, cpu, cuda
     batch_bytes: int = 32 << 20  # base weights per batch of matrices solved together
     method: Method = "auto"  # certified, exact (complete base decompositions), or auto (by size, see solver)
+    revision: str | None = None  # hub ids without their own ``@REV``: this revision
+    token: str | None = field(default=None, repr=False, compare=False)  # hub token (never recorded)
 
     def validate(self) -> None:
         if self.top_k < 1:
@@ -63,7 +65,11 @@ class DetectOptions:
 
     def pairs(self, base: str, tuned: str) -> PairSource:
         """The matrix pairs of BASE and TUNED, with the spectra cache these options ask for."""
-        return PairSource(resolve(base), resolve(tuned), self.modules, self.allow_pickle, self.spectra())
+        hub = self.hub()
+        return PairSource(resolve(base, hub), resolve(tuned, hub), self.modules, self.allow_pickle, self.spectra())
+
+    def hub(self) -> HubOptions:
+        return HubOptions(self.revision, self.token, self.allow_pickle)
 
 
 @dataclass(frozen=True)
