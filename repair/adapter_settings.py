@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from .errors import CheckpointError
+from .merged_adapter import MERGED_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ def check_lora_config(config, where: str):
                    "merge it into its base with peft (merge_and_unload(), then save_pretrained) and pass that "
                    "folder as TUNED, a full fine-tune")
         raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported (supported: 'LORA', with DoRA, "
-                              f"rsLoRA, rank and alpha patterns, lora_bias and modules_to_save); {instead}.")
+                              f"rsLoRA, rank and alpha patterns, lora_bias and modules_to_save; as saved adapter folders "
+                              f"also {', '.join(repr(t) for t in MERGED_TYPES)}, merged by peft module by module); "
+                              f"{instead}.")
     if getattr(config, "layer_replication", None):
         raise CheckpointError(f"{where}: layer_replication is not supported.")
     refuse_mutated_base(getattr(config, "init_lora_weights", True), where)

@@ -3,7 +3,8 @@
 ``detect`` and ``patch`` take folders, hub ids or embedded model names, like ``repair detect`` and
 ``repair patch``. ``detect_model`` and ``patch_model`` take a ``PeftModel`` in memory. Detection
 options are the fields of ``DetectOptions``: top_k=10, epsilon=0.5, side="left", modules=None,
-allow_pickle=False, cache=True, threads=0, device="auto", method="auto" (the CLI's defaults).
+allow_pickle=False, cache=True, threads=0, device="auto", method="auto", revision=None, token=None (the
+CLI's defaults; ``revision`` and ``token`` apply to hub ids).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class DetectKwargs(TypedDict, total=False):
     device: str
     batch_bytes: int
     method: Literal["auto", "certified", "exact"]
+    revision: str | None
+    token: str | None
 
 
 def detect_options(options: dict, model=None) -> DetectOptions:

@@ -16,6 +16,7 @@ from .adapter import LoraAdapter, LoraModule
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
+from .merged_adapter import MERGED_TYPES, MergedAdapter, adapter_peft_type
 from .pipeline import LARGE_BYTES, in_background, ordered_map
 from .quantized import refuse_quantized
 from .sources import ModelSource
@@ -83,8 +84,13 @@ class PairSource:
         self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
         refuse_quantized(base.path, self.base.names(), "BASE")
         settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
-        self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter else None
-        self.tuned = None if self.adapter else CheckpointReader(tuned.path, "model", allow_pickle)
+        merged = tuned.is_adapter and adapter_peft_type(tuned.path) in MERGED_TYPES
+        self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter and not merged else None
+        self.tuned: CheckpointReader | MergedAdapter | None = None
+        if merged:  # merged by peft per module, then read as a full checkpoint
+            self.tuned = MergedAdapter(tuned.path, self.base, match_base_name, allow_pickle)
+        elif self.adapter is None:
+            self.tuned = CheckpointReader(tuned.path, "model", allow_pickle)
         if self.tuned is not None:
             refuse_quantized(tuned.path, self.tuned.names(), "TUNED")
         self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
@@ -116,8 +122,9 @@ class PairSource:
                               if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
             return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
+        targeted = self.tuned.targets if isinstance(self.tuned, MergedAdapter) else None  # the rest is the base's
         return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
-                and self._wanted(n)]
+                and self._wanted(n) and (targeted is None or n in targeted)]
 
     def _lora_biases(self, base_names: set[str]) -> dict[str, str]:
         """Base bias tensor name -> adapter module, for modules trained with ``lora_bias=True``."""

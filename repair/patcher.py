@@ -31,6 +31,7 @@ from .editor import (
     truncation_error,
 )
 from .errors import RepairError
+from .merged_adapter import MergedAdapter
 from .pairs import MatrixPair, PairSource
 from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_per_matrix, check_scale
@@ -296,7 +297,10 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
                        opts.plan, plan.base, plan.tuned, base, tuned)
     src = opts.detect.pairs(base, tuned)
     if opts.format == "adapter" and src.adapter is None:
-        raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is a full checkpoint.")
+        what = (f"a {src.tuned.peft_type} adapter, which is merged for analysis and has no LoRA factors to extend"
+                if isinstance(src.tuned, MergedAdapter) else "a full checkpoint")
+        raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
+                          "use --format merged.")
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
     hashed: list[Provenance] = []  # sha256 of the inputs releases the GIL: it overlaps the spectra
     join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))
