@@ -1,10 +1,12 @@
-"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA), merged by peft one module at a time.
+"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA, VeRA), merged by peft one module at a time.
 
 Their updates are not a B·A product the low-rank path can use, so each targeted module is rebuilt
 alone: a ``torch.nn.Linear`` holding the base weight (float32), placed at the module's own path in
 an otherwise empty module tree, given the adapter by peft's ``inject_adapter_in_model`` (so
 ``target_modules`` and per-module patterns match exactly as on the full model), loaded with the
-adapter's tensors for that module, and merged with peft's own ``merge()``. The result, W_tuned, goes
+adapter's tensors for that module, and merged with peft's own ``merge()``. VeRA's random projections
+are shared by all its layers (peft's injection refuses it), so its tree goes through ``get_peft_model``
+and then holds the saved projections, which each layer slices to its own size. The result, W_tuned, goes
 to the dense path; nothing beyond one module is ever in memory.
 
 ``MergedAdapter`` reads like a full checkpoint of the merged model: the base's tensors, with every
@@ -25,7 +27,8 @@ import torch
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError
 
-MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA")  # peft types merged per module
+MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA", "VERA")  # peft types merged per module
+SHARED = {"VERA": ("vera_A", "vera_B")}  # tensors saved once for all layers, as base_model.<name>
 PREFIX = "base_model.model."
 ADAPTER = "default"
 
@@ -56,6 +59,12 @@ class MergedAdapter:
             raise CheckpointError(f"{path}: {self.peft_type} with fan_in_fan_out (GPT-2 style Conv1D layers) is not "
                                   "supported; only LoRA adapters are read on such bases.")
         self.reader = CheckpointReader(path, prefix="adapter_model", allow_pickle=allow_pickle)
+        self.shared = {n: f"base_model.{n}" for n in SHARED.get(self.peft_type, ())}
+        if missing := [k for k in self.shared.values() if k not in self.reader]:
+            raise CheckpointError(f"{path}: this {self.peft_type} adapter was saved without its shared projections "
+                                  f"({missing[0]}; save_projection=False), which peft regenerates from the whole "
+                                  "model; save it with save_projection=True, or merge it with peft and pass the "
+                                  "merged model as TUNED.")
         self.targets = self._targets(set(base.names()), match)  # base weight name -> module path in the adapter
         self._biases = {n.removesuffix(".weight") + ".bias": n for n in self.targets}
         self._last: tuple[str, torch.nn.Module] | None = None
@@ -65,6 +74,8 @@ class MergedAdapter:
         out: dict[str, str] = {}
         self._keys: dict[str, list[str]] = {}  # module path -> its adapter tensors
         for key in self.reader.names():
+            if key in self.shared.values():
+                continue
             if not key.startswith(PREFIX):
                 raise CheckpointError(f"{self.path}: adapter tensor {key!r} does not belong to a module of the model.")
             parts = key[len(PREFIX):].split(".")
@@ -120,13 +131,25 @@ class MergedAdapter:
         bias_name = self._bias_of(name)
         bias = None if bias_name is None else self.base.get(bias_name).to(torch.float32, copy=True)
         root = _tree(module, W0, bias)
-        inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
-        layer = root.get_submodule(module)
+        if self.shared:
+            layer = self._with_shared(root, module)
+        else:
+            inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
+            layer = root.get_submodule(module)
         self._load(layer, module)
         layer.merge(adapter_names=[ADAPTER])
         base_layer = layer.get_base_layer()
         self._last = (name, base_layer)
         return base_layer
+
+    def _with_shared(self, root: torch.nn.Module, module: str) -> torch.nn.Module:
+        """peft's layer for ``module`` in ``root``, built by ``get_peft_model``, holding the saved shared tensors."""
+        from peft import get_peft_model
+
+        model = get_peft_model(root, copy.copy(self.config), adapter_name=ADAPTER)
+        for name, key in self.shared.items():
+            getattr(model.base_model, name)[ADAPTER] = self.reader.get(key).float()
+        return model.base_model.model.get_submodule(module)
 
     def _bias_of(self, name: str) -> str | None:
         bias = name.removesuffix(".weight") + ".bias"

@@ -86,9 +86,12 @@ def test_bad_adapter_configs(llama_base, llama_adapter, tmp_path):
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(bad)])
     assert res.exit_code == 2 and "adapter_config.json" in res.output
     cfg = json.loads((llama_adapter / "adapter_config.json").read_text())
-    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LN_TUNING"}))
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(bad)])
-    assert res.exit_code == 2 and "'IA3' is not supported" in res.output
+    assert res.exit_code == 2 and "'LN_TUNING' is not supported" in res.output
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))  # merged per module by peft
+    res = CliRunner().invoke(main, ["detect", str(llama_base), str(bad)])
+    assert res.exit_code == 2 and "adapter tensor 'x' does not belong to a module of the model" in res.output
 
 
 def test_hub_id_offline_gives_clear_error(monkeypatch):

@@ -1,4 +1,4 @@
-"""Non-LoRA PEFT adapters (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA): merged by peft one module at a time.
+"""Non-LoRA PEFT adapters (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA, VeRA): merged by peft one module at a time.
 
 Oracles: peft's own ``merge_and_unload()`` of the whole model for W_tuned, and float64 SVDs of that
 merge for the report and for the patched weights.
@@ -21,7 +21,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _configs():
-    from peft import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig
+    from peft import AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, OFTConfig, VeraConfig
 
     return {
         "loha": LoHaConfig(r=4, alpha=8, target_modules=TARGETS, init_weights=False),
@@ -31,6 +31,7 @@ def _configs():
         "boft": BOFTConfig(boft_block_size=8, target_modules=TARGETS, init_weights=False),
         "adalora": AdaLoraConfig(r=4, init_r=4, target_r=2, total_step=10, target_modules=TARGETS,
                                  init_lora_weights=False),
+        "vera": VeraConfig(r=8, target_modules=TARGETS, init_weights=False),
     }
 
 
@@ -46,6 +47,8 @@ def save_adapter(kind: str, out) -> None:
                 p.uniform_(0.2, 2.0)
             elif "lora_E" in name:  # AdaLoRA's singular values start at zero
                 p.normal_(0, 3.0)
+            elif "vera_lambda" in name:  # VeRA's scalings: strong ones on the shared random projections
+                p.normal_(0, 30.0)
             elif p.requires_grad:
                 p.mul_(3.0)  # strong enough updates to make intruders on the tiny model
     model.save_pretrained(str(out))
@@ -78,7 +81,7 @@ def test_tuned_weights_equal_merge_and_unload(kind, adapters, llama_base):
     assert changed == len(src.names)  # every targeted weight really moved
 
 
-@pytest.mark.parametrize("kind", ["loha", "oft", "adalora"])
+@pytest.mark.parametrize("kind", ["loha", "oft", "adalora", "vera"])
 def test_detect_and_patch_against_float64(kind, adapters, llama_base, tmp_path, monkeypatch):
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
     oracle = merged_state(tiny_llama, adapters[kind])
@@ -112,16 +115,22 @@ def test_detect_and_patch_against_float64(kind, adapters, llama_base, tmp_path, 
             assert torch.equal(written[name], t), name
 
 
-def test_format_adapter_and_vera_are_refused(adapters, llama_base, tmp_path):
+def test_refusals_name_what_to_pass_instead(adapters, llama_base, tmp_path):
     from click.testing import CliRunner
-    from peft import VeraConfig, get_peft_model
+    from peft import FourierFTConfig, VeraConfig, get_peft_model
 
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(adapters["loha"]), "--scale", "0.5", "--out",
                                     str(out), "--format", "adapter", "--no-cache"])
     assert res.exit_code == 2 and "is a LOHA adapter, which is merged for analysis" in res.output, res.output
     assert "use --format merged." in res.output and not out.exists()
-    get_peft_model(tiny_llama(), VeraConfig(r=4, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "vera"))
+    cfg = VeraConfig(r=4, target_modules=["q_proj"], save_projection=False)
+    get_peft_model(tiny_llama(), cfg).save_pretrained(str(tmp_path / "vera"))
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(tmp_path / "vera"), "--no-cache"])
-    assert res.exit_code == 2 and "peft_type 'VERA' is not supported" in res.output, res.output
-    assert "'LOHA', 'LOKR', 'IA3', 'OFT', 'BOFT', 'ADALORA', merged by peft module by module" in res.output
+    assert res.exit_code == 2 and "saved without its shared projections" in res.output, res.output
+    assert "save it with save_projection=True" in res.output
+    cfg = FourierFTConfig(n_frequency=16, target_modules=["q_proj"])
+    get_peft_model(tiny_llama(), cfg).save_pretrained(str(tmp_path / "fourier"))
+    res = CliRunner().invoke(main, ["detect", str(llama_base), str(tmp_path / "fourier"), "--no-cache"])
+    assert res.exit_code == 2 and "peft_type 'FOURIERFT' is not supported" in res.output, res.output
+    assert "'LOHA', 'LOKR', 'IA3', 'OFT', 'BOFT', 'ADALORA', 'VERA', merged by peft module by module" in res.output
