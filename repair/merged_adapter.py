@@ -131,13 +131,18 @@ class MergedAdapter:
         bias_name = self._bias_of(name)
         bias = None if bias_name is None else self.base.get(bias_name).to(torch.float32, copy=True)
         root = _tree(module, W0, bias)
-        if self.shared:
-            layer = self._with_shared(root, module)
-        else:
-            inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
-            layer = root.get_submodule(module)
-        self._load(layer, module)
-        layer.merge(adapter_names=[ADAPTER])
+        try:  # peft's own checks of the config, and shapes that do not fit this base
+            if self.shared:
+                layer = self._with_shared(root, module)
+            else:
+                inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
+                layer = root.get_submodule(module)
+            self._load(layer, module)
+            layer.merge(adapter_names=[ADAPTER])
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{self.path}: peft could not apply this {self.peft_type} adapter to {module} of "
+                                  f"base {self.base.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                  "was it trained for another base model?") from e
         base_layer = layer.get_base_layer()
         self._last = (name, base_layer)
         return base_layer
