@@ -276,7 +276,7 @@ def _write(src: PairSource, opts: PatchOptions, plan: Plan | None, tmp: Path, me
         for name, tensor in _merged_tensors(src, opts, plan, edits):
             writer.save(name, tensor)
         files = writer.finalize()
-        config_dir = src.base_source.path if src.adapter else src.tuned_source.path
+        config_dir = src.base_source.path if src.tuned_source.is_adapter else src.tuned_source.path  # any adapter
         _copy_side_files(config_dir, tmp)
         return files
     tensors, ranks = _adapter_tensors(src, opts, plan, edits)

@@ -142,3 +142,25 @@ def test_refusals_name_what_to_pass_instead(adapters, llama_base, llama_adapter,
     res = CliRunner().invoke(main, ["detect", str(llama_base), str(lora_as_ia3), "--no-cache"])
     assert res.exit_code == 2 and "peft could not apply this IA3 adapter to" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_sweep_edits_a_merged_adapter_as_patch_does(adapters, llama_base, mc_task, corpus_file, tmp_path, monkeypatch):
+    """The in-place sweep on a LoHa adapter: λ = 0 measures the model `repair patch --scale 0` writes."""
+    from click.testing import CliRunner
+    from conftest import char_tokenizer
+    from test_evals import CORPUS, direct_nll
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "sweep"
+    res = CliRunner().invoke(main, ["sweep", str(llama_base), str(adapters["loha"]), "--scales", "0,1", "--task",
+                                    str(mc_task), "--forgetting", str(corpus_file), "--control", "none",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "sweep.json").read_text())
+    zero, one = report["points"]
+    assert zero["intruders"] < one["intruders"] == report["total_intruders"]
+    main(["patch", str(llama_base), str(adapters["loha"]), "--scale", "0", "--out", str(tmp_path / "p0")],
+         standalone_mode=False)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "p0"))
+    assert zero["forgetting_nll"] == pytest.approx(direct_nll(model, char_tokenizer(), CORPUS), rel=1e-5)
