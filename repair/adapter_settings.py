@@ -67,9 +67,20 @@ def check_lora_config(config, where: str):
                               f"{instead}.")
     if getattr(config, "layer_replication", None):
         raise CheckpointError(f"{where}: layer_replication is not supported.")
+    refuse_target_parameters(getattr(config, "target_parameters", None), where)
     refuse_mutated_base(getattr(config, "init_lora_weights", True), where)
     _check_fields(config, where)
     return config
+
+
+def refuse_target_parameters(value, where: str) -> None:
+    """One sentence if the adapter trains fused parameters (``target_parameters``, e.g. MoE experts)."""
+    if value:
+        raise CheckpointError(
+            f"{where}: target_parameters {list(value) if isinstance(value, list | tuple) else value!r} (LoRA on "
+            f"fused parameters such as MoE experts) is not supported yet; merge it into its base with peft "
+            f"(merge_and_unload(), then save_pretrained) and pass that folder as TUNED: transformers saves the "
+            f"experts one by one there, and each is analysed as its own matrix.")
 
 
 def refuse_mutated_base(init, where: str) -> None:

@@ -190,7 +190,8 @@ def checkpoint_rows(base: str, checkpoints: Path, matrix: str, k: int, opts: Det
         raise RepairError(f"--checkpoints {checkpoints}: no step folders (e.g. step-000100) inside.")
     rows, spectra = [], opts.spectra()  # one base spectrum for every step
     for f in tqdm(folders, desc="checkpoints", unit="step", disable=None):
-        src = PairSource(resolve(base, opts.hub()), resolve(str(f), opts.hub()), f"^{re.escape(matrix)}$", opts.allow_pickle, spectra)
+        src = PairSource(resolve(base, opts.hub()), resolve(str(f), opts.hub()), f"^{re.escape(matrix)}$",
+                         opts.allow_pickle, spectra)
         [(_, found)] = analyse_pairs(src, src.names, replace(opts, top_k=k))
         rows.append((_step(f), found.intruders, found.tuned.S[found.intruders].tolist()))
     return rows

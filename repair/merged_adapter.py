@@ -121,8 +121,9 @@ class MergedAdapter:
 
     def _merged(self, name: str) -> torch.nn.Module:
         """The base layer of ``name`` after peft merged the adapter into it (the last one is kept)."""
-        if self._last is not None and self._last[0] == name:
-            return self._last[1]
+        last = self._last  # one read: worker threads replace it
+        if last is not None and last[0] == name:
+            return last[1]
         from peft import inject_adapter_in_model
 
         module = self.targets[name]

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import LoraAdapter, LoraModule
+from .adapter_settings import ADAPTER_CONFIG, refuse_target_parameters
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
@@ -85,6 +86,8 @@ class PairSource:
         refuse_quantized(base.path, self.base.names(), "BASE")
         settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
         merged = tuned.is_adapter and adapter_peft_type(tuned.path) in MERGED_TYPES
+        if tuned.is_adapter and not merged:  # before its modules are matched: their names would mislead
+            refuse_target_parameters(_config_field(tuned.path, "target_parameters"), str(tuned.path / ADAPTER_CONFIG))
         self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter and not merged else None
         self.tuned: CheckpointReader | MergedAdapter | None = None
         if merged:  # merged by peft per module, then read as a full checkpoint
@@ -123,6 +126,11 @@ class PairSource:
             order = {n: i for i, n in enumerate(self.base.names())}
             return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
         targeted = self.tuned.targets if isinstance(self.tuned, MergedAdapter) else None  # the rest is the base's
+        fused = [n for n in self.base.names() if len(self.base.shape(n)) == 3 and self._wanted(n)]
+        if fused:
+            logger.warning("%s: %d 3-D tensors (experts fused in one tensor, e.g. %s) are not analysed; only 2-D "
+                           "weight matrices are (checkpoints that store experts one by one are analysed per expert)",
+                           self.base_source.path, len(fused), fused[0])
         return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
                 and self._wanted(n) and (targeted is None or n in targeted)]
 
@@ -237,6 +245,15 @@ class PairSource:
                 f"{tuple(stored.shape)}; was it fine-tuned from another base model?"
             )
         return t
+
+
+def _config_field(path: Path, name: str):
+    """A field of an adapter folder's config, read as JSON (None when absent or unreadable: peft reports that)."""
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    return config.get(name) if isinstance(config, dict) else None
 
 
 def _finite(t: torch.Tensor, name: str, path: Path) -> torch.Tensor:
