@@ -31,9 +31,10 @@ def figures_with_forgetting(base: str, tuned: Sequence[str], out: Path, forgetti
     placement = placement or Placement()
     placement.validate()
     report = make_figures(base, list(tuned), out, k, k_max, opts, labels=labels)
-    docs = forgetting_corpus(forgetting_spec, base, placement, chat=False)
+    hub = None if opts is None else opts.hub()  # hub ids as the detector fetched them
+    docs = forgetting_corpus(forgetting_spec, base, placement, chat=False, hub=hub)
     for a in report.adapters:
-        model, tok, _ = load_model(a.tuned, base, placement)
+        model, tok, _ = load_model(a.tuned, base, placement, hub=hub)
         score = forgetting(model, tok, docs, forgetting_batch(batch_size))
         a.forgetting_nll, a.forgetting_stderr = nll(score.doc_nll, score.doc_tokens)
         del model

@@ -16,6 +16,7 @@ from repair import __version__
 from repair.durable import write_text_atomic
 from repair.errors import RepairError
 from repair.report import SCHEMA_VERSION
+from repair.sources import HubOptions
 
 from .accuracy import EvalSettings, TaskColumn, check_columns, evaluate_columns, make_lm
 from .corpus import is_base_samples, load_corpus
@@ -61,11 +62,12 @@ def _cell(s: Score) -> str:
     return f"{s.metric} {s.value:.4f}{err}"
 
 
-def forgetting_corpus(spec: str, base: str | None, placement: Placement | None, chat: bool) -> list[str]:
+def forgetting_corpus(spec: str, base: str | None, placement: Placement | None, chat: bool,
+                      hub: HubOptions | None = None) -> list[str]:
     """The forgetting corpus: base samples are drawn from ``base`` (cached under the same key as a sweep's)."""
     if not is_base_samples(spec):
         return load_corpus(spec)
-    model, tok, src = load_model(base, None, placement)
+    model, tok, src = load_model(base, None, placement, hub)
     docs = load_corpus(spec, model, tok, json.dumps(source_fingerprint(src)), chat=chat)
     del model
     gc.collect()

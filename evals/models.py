@@ -11,7 +11,7 @@ import torch
 
 from repair.errors import RepairError
 from repair.pipeline import resolve_device
-from repair.sources import ModelSource, resolve
+from repair.sources import HubOptions, ModelSource, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +70,15 @@ def is_masked_lm(model) -> bool:
     return any(type(model).__name__.endswith(s) for s in AUTO_CLASS_BY_SUFFIX)
 
 
-def load_model(ref: str, base: str | None = None, placement: Placement | None = None):
-    """``(model, tokenizer, source)`` in eval mode; an adapter is merged onto ``base`` (or its recorded base)."""
+def load_model(ref: str, base: str | None = None, placement: Placement | None = None, hub: HubOptions | None = None):
+    """``(model, tokenizer, source)`` in eval mode; an adapter is merged onto ``base`` (or its recorded base).
+
+    ``hub`` fetches hub ids as the detector did (its revision and token), so both see the same weights.
+    """
     from transformers import AutoTokenizer
 
     placement = placement or Placement()
-    src = resolve(ref)
+    src = resolve(ref, hub)
     if not src.is_adapter:
         return _load_full(src, placement), AutoTokenizer.from_pretrained(str(src.path)), src
     base_ref = base or json.loads((src.path / "adapter_config.json").read_text()).get("base_model_name_or_path")
@@ -83,7 +86,7 @@ def load_model(ref: str, base: str | None = None, placement: Placement | None = 
         raise RepairError(f"{ref}: is a LoRA adapter with no recorded base model; pass --base.")
     from peft import PeftModel
 
-    base_src = resolve(base_ref)
+    base_src = resolve(base_ref, hub)
     model = PeftModel.from_pretrained(_load_full(base_src, placement), str(src.path)).merge_and_unload()
     tok_dir = src.path if (src.path / "tokenizer_config.json").is_file() else base_src.path
     return model.eval(), AutoTokenizer.from_pretrained(str(tok_dir)), src

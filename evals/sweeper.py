@@ -216,7 +216,7 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
         if opts.dtype != "auto":
             logger.warning("--dtype %s: the sweep measures the model in %s, but --write-picked writes the "
                            "checkpoint's own dtype", opts.dtype, opts.dtype)
-    model, tok, base_src = load_model(base, placement=opts.placement)
+    model, tok, base_src = load_model(base, placement=opts.placement, hub=opts.detect.hub())
     docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)),
                        chat=opts.eval.apply_chat_template)
     args = _arguments(base, tuned, opts)

@@ -72,3 +72,23 @@ def test_unfetchable_hub_id_names_the_revision(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
     with pytest.raises(SourceError, match=r"org/model@v9: not a local folder, and it could not be fetched"):
         resolve("org/model@v9")
+
+
+def test_sweep_fetches_every_model_at_the_same_revision(llama_base, llama_adapter, mc_task, corpus_file, tmp_path,
+                                                        monkeypatch):
+    """The detector and the evaluation both load the hub id at --revision: the sweep measures what it analysed."""
+    from click.testing import CliRunner
+
+    calls: list[dict] = []
+
+    def snapshot_download(repo_id, **kw):
+        calls.append({"repo_id": repo_id, **kw})
+        return str(llama_base)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(main, ["sweep", "org/base", str(llama_adapter), "--scales", "0,1", "--task",
+                                    str(mc_task), "--forgetting", str(corpus_file), "--control", "none",
+                                    "--revision", "v3", "--out", str(tmp_path / "sweep")])
+    assert res.exit_code == 0, res.output
+    assert len(calls) >= 2 and {c["revision"] for c in calls} == {"v3"}, calls  # detection and evaluation
