@@ -18,7 +18,6 @@ once to the base's dtype.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,15 +30,6 @@ MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA", "VERA")  # peft
 SHARED = {"VERA": ("vera_A", "vera_B")}  # tensors saved once for all layers, as base_model.<name>
 PREFIX = "base_model.model."
 ADAPTER = "default"
-
-
-def adapter_peft_type(path: Path) -> str | None:
-    """The ``peft_type`` an adapter folder's config names (read as JSON), or None if there is none."""
-    try:
-        value = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None  # the LoRA path parses the config with peft and names what is wrong
-    return value.upper() if isinstance(value, str) else None
 
 
 class MergedAdapter:
@@ -67,7 +57,7 @@ class MergedAdapter:
                                   "merged model as TUNED.")
         self.targets = self._targets(set(base.names()), match)  # base weight name -> module path in the adapter
         self._biases = {n.removesuffix(".weight") + ".bias": n for n in self.targets}
-        self._last: tuple[str, torch.nn.Module] | None = None
+        self._last: tuple[str, torch.nn.Module, dict[str, torch.dtype]] | None = None
 
     def _targets(self, base_names: set[str], match) -> dict[str, str]:
         """Base weight name -> adapter module path, for every module the adapter's tensors belong to."""
@@ -115,22 +105,24 @@ class MergedAdapter:
         weight = name if name in self.targets else self._biases.get(name)
         if weight is None:
             return self.base.get(name)
-        layer = self._merged(weight)
+        layer, dtypes = self._merged(weight)
         out = layer.weight if name == weight else layer.bias
-        return out.detach().to(self.base.get(name).dtype)
+        return out.detach().to(dtypes[name])  # the stored dtype, read once with the tensor
 
-    def _merged(self, name: str) -> torch.nn.Module:
-        """The base layer of ``name`` after peft merged the adapter into it (the last one is kept)."""
+    def _merged(self, name: str) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
+        """The base layer of ``name`` after peft merged the adapter into it, and the stored dtypes of its weight
+        and bias (the last one is kept)."""
         last = self._last  # one read: worker threads replace it
         if last is not None and last[0] == name:
-            return last[1]
+            return last[1], last[2]
         from peft import inject_adapter_in_model
 
         module = self.targets[name]
         # peft merges in place: copies, since a reader's tensor may share its pages with the file's mapping
-        W0 = self.base.get(name).to(torch.float32, copy=True)  # (out, in)
-        bias_name = self._bias_of(name)
-        bias = None if bias_name is None else self.base.get(bias_name).to(torch.float32, copy=True)
+        stored = {n: self.base.get(n) for n in (name, self._bias_of(name)) if n is not None}
+        dtypes = {n: t.dtype for n, t in stored.items()}
+        W0, *bias = (t.to(torch.float32, copy=True) for t in stored.values())  # (out, in), then the bias if any
+        bias = bias[0] if bias else None
         root = _tree(module, W0, bias)
         try:  # peft's own checks of the config, and shapes that do not fit this base
             if self.shared:
@@ -145,8 +137,8 @@ class MergedAdapter:
                                   f"base {self.base.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                   "was it trained for another base model?") from e
         base_layer = layer.get_base_layer()
-        self._last = (name, base_layer)
-        return base_layer
+        self._last = (name, base_layer, dtypes)
+        return base_layer, dtypes
 
     def _with_shared(self, root: torch.nn.Module, module: str) -> torch.nn.Module:
         """peft's layer for ``module`` in ``root``, built by ``get_peft_model``, holding the saved shared tensors."""

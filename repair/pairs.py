@@ -17,7 +17,7 @@ from .adapter_settings import ADAPTER_CONFIG, refuse_target_parameters
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
-from .merged_adapter import MERGED_TYPES, MergedAdapter, adapter_peft_type
+from .merged_adapter import MERGED_TYPES, MergedAdapter
 from .pipeline import LARGE_BYTES, in_background, ordered_map
 from .quantized import refuse_quantized
 from .sources import ModelSource
@@ -85,7 +85,8 @@ class PairSource:
         self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
         refuse_quantized(base.path, self.base.names(), "BASE")
         settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
-        merged = tuned.is_adapter and adapter_peft_type(tuned.path) in MERGED_TYPES
+        peft_type = _config_field(tuned.path, "peft_type") if tuned.is_adapter else None
+        merged = isinstance(peft_type, str) and peft_type.upper() in MERGED_TYPES
         if tuned.is_adapter and not merged:  # before its modules are matched: their names would mislead
             refuse_target_parameters(_config_field(tuned.path, "target_parameters"), str(tuned.path / ADAPTER_CONFIG))
         self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter and not merged else None
