@@ -13,7 +13,7 @@ from test_structured import planted_lowrank, random_lowrank, reference
 
 from repair.spectral.certified import CertifiedProblem, certified_topk_many
 from repair.spectral.krylov import Lanczos, top_eigenpairs
-from repair.spectral.truncated import base_tol, compute_truncated, p_for
+from repair.spectral.truncated import base_tol, compute_truncated, gram_operator, p_for
 
 K, EPS = 10, 0.5
 SHAPES = {"square": (96, 96), "tall": (160, 96), "wide": (96, 160),
@@ -247,6 +247,40 @@ def test_block_krylov_top_eigenpairs():
     assert res.converged and torch.allclose(res.theta[0, :6], evals[:6], rtol=1e-9)
     assert (res.residual[0, :6] <= 1e-10 * evals[0]).all()
 
+
+
+def test_block_krylov_stops_where_rounding_stalls_it():
+    """float32 cannot reach a 1e-10 residual: without ``accept`` the solver spends its whole budget; with it,
+    it stops once the residuals stop falling, within ``accept``, and its pairs are those of float64's."""
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(300, 300, generator=gen, dtype=torch.float64) * (1 + torch.arange(300) / 10) ** -0.5
+    M = G @ G.T
+    M32 = M.float()
+    start = torch.randn(1, 300, 6, generator=gen)
+    solve = dict(max_dim=120, max_products=3000, expand_all=False)
+    budget = top_eigenpairs(lambda X: M32 @ X, start, 6, 1e-10, **solve)
+    stalled = top_eigenpairs(lambda X: M32 @ X, start, 6, 1e-10, accept=1e-5, **solve)
+    assert not budget.converged and budget.products >= 3000
+    assert not stalled.converged and stalled.products < 300
+    evals, evecs = torch.linalg.eigh(M)
+    evals, evecs = evals.flip(0)[:6], evecs.flip(1)[:, :6]
+    assert (stalled.residual[0, :6] <= 1e-5 * evals[0]).all()
+    assert torch.allclose(stalled.theta[0, :6], evals, rtol=1e-5)
+    cos = (evecs.T @ stalled.Y[0, :, :6].double()).diagonal().abs()
+    assert (cos > 1 - 1e-6).all()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("cols", [1, 2, 3])
+def test_gram_operator_against_float64(side, cols):
+    """Every block width (two columns run as two matrix-vector products) gives W Wᵀ X or Wᵀ W X."""
+    gen = torch.Generator().manual_seed(cols)
+    W = torch.randn(1, 60, 90, generator=gen)
+    d = 60 if side == "left" else 90
+    X = torch.randn(1, d, cols, generator=gen)
+    W64, X64 = W.double(), X.double()
+    want = W64 @ (W64.mT @ X64) if side == "left" else W64.mT @ (W64 @ X64)
+    assert torch.allclose(gram_operator(W, side)(X).double(), want, rtol=1e-5, atol=1e-4)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

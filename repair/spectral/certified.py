@@ -128,8 +128,16 @@ def _oriented_sides(sides: tuple[SideName, ...], flip: bool) -> tuple[SideName, 
 def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """(b, ...) row-major in ``dtype``: a transposed view as the left operand of a product runs at half speed."""
     if len(tensors) == 1:
-        return tensors[0].to(dtype, memory_format=torch.contiguous_format)[None]
-    return torch.stack([t.to(dtype) for t in tensors])
+        return _row_major(tensors[0], dtype)[None]
+    return torch.stack([_row_major(t, dtype) for t in tensors])
+
+
+def _row_major(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` contiguous in ``dtype``. A transposed view is reordered in the narrower of its dtype and ``dtype``
+    (a bfloat16 (28672, 8192) weight: 0.6 s transposed then widened, against 1.8 s widened while transposed)."""
+    if t.is_contiguous() or t.element_size() > dtype.itemsize:
+        return t.to(dtype, memory_format=torch.contiguous_format)
+    return t.contiguous().to(dtype)
 
 
 @dataclass(frozen=True)
@@ -195,9 +203,10 @@ class _Batch:
         """Ritz pairs of W Wᵀ; with ``precise``, polished in float64 from the float32 ones."""
         start = self._start()
         m, want = self.W0.shape[1], min(self.W0.shape[1], self.k + GUARD)
-        res = top_eigenpairs(self.tuned.gram, start, self.k, TUNED_TOL, max_dim=min(m, start.shape[-1] + 6 * want),
-                             max_products=start.shape[-1] + PRODUCTS_PER_PAIR * want, expand_all=False)
         accept = max(TUNED_TOL, base_tol(max(self.W0.shape[1:]), self.cd))
+        res = top_eigenpairs(self.tuned.gram, start, self.k, TUNED_TOL, max_dim=min(m, start.shape[-1] + 6 * want),
+                             max_products=start.shape[-1] + PRODUCTS_PER_PAIR * want, expand_all=False,
+                             accept=accept)
         ok = (res.residual[:, : self.k] <= accept * res.theta[:, :1].abs().clamp_min(1e-300)).all(1)
         if precise and self.cd != torch.float64:
             res = top_eigenpairs(self.tuned.to(torch.float64).gram, res.Y.double(), self.k, PRECISE_TOL,

@@ -69,7 +69,7 @@ class EigenResult:
 
 
 def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_dim: int,
-                   max_products: int, expand_all: bool = True) -> EigenResult:
+                   max_products: int, expand_all: bool = True, accept: float | None = None) -> EigenResult:
     """The top ``k`` eigenpairs of ``op`` from the span of ``start`` (b, d, c) and its Krylov blocks.
 
     A problem is converged when every wanted residual is at most ``tol · θ_1``; its pairs are kept
@@ -77,7 +77,11 @@ def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_di
     problem's answer does not depend on the others in its batch (``expand_all=False`` expands only
     with the pairs still moving: cheaper, for a batch of one). The basis restarts from the
     current Ritz vectors when it would pass ``max_dim`` columns; the solver gives up (returning the
-    pairs it has, ``converged=False``) after ``max_products`` operator columns.
+    pairs it has, ``converged=False``) after ``max_products`` operator columns. With ``accept``
+    (>= tol), a problem whose wanted residuals are all at most ``accept · θ_1`` and whose largest one
+    has not halved since the round before has stalled at its rounding floor: it stops there too
+    (``converged`` stays False for it), instead of spending the rest of the budget on rounds that
+    no longer move.
     """
     d = start.shape[-2]
     want = min(k + GUARD, d)
@@ -89,23 +93,30 @@ def top_eigenpairs(op: Operator, start: torch.Tensor, k: int, tol: float, max_di
     AV, products = op(V), V.shape[-1]
     kept: EigenResult | None = None
     done = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+    converged = torch.zeros_like(done)
+    last: torch.Tensor | None = None  # (b,) the largest wanted residual of the round before, relative to θ_1
     while True:
         theta, S = torch.linalg.eigh(sym(V.mT @ AV).double())
         theta, S = theta.flip(-1)[..., :want], S.flip(-1)[..., :want].to(V.dtype)
         Y, AY = V @ S, AV @ S
         R = AY - Y * theta[:, None, :].to(V.dtype)
         resid = R.double().norm(dim=-2)  # (b, want)
-        floor = tol * theta[:, :1].abs().clamp_min(torch.finfo(V.dtype).tiny)
+        scale = theta[:, :1].abs().clamp_min(torch.finfo(V.dtype).tiny)  # (b, 1) θ_1
+        floor = tol * scale
         complete = V.shape[-1] >= d  # the basis is the whole space: Rayleigh-Ritz is exact
         now = (resid[:, :k] <= floor).all(1) | complete
+        worst = (resid[:, :k] / scale).amax(1)  # (b,) the largest wanted residual relative to θ_1
+        stalled = torch.zeros_like(now) if accept is None or last is None else (worst <= accept) & (worst > last / 2)
+        last = worst
         current = EigenResult(theta, Y, resid, bool(now.all()), products)
-        kept = current if kept is None else _merge(kept, current, ~done)  # frozen once converged
-        done |= now
+        kept = current if kept is None else _merge(kept, current, ~done)  # frozen once converged or stalled
+        converged |= now & ~done
+        done |= now | stalled
         if done.all() or products >= max_products or complete:
-            if not done.all():
+            if not converged.all():
                 logger.debug("block Krylov stopped after %d products with %d of %d problems unconverged",
-                             products, int((~done).sum()), done.numel())
-            return EigenResult(kept.theta, kept.Y, kept.residual, bool(done.all()), products)
+                             products, int((~converged).sum()), converged.numel())
+            return EigenResult(kept.theta, kept.Y, kept.residual, bool(converged.all()), products)
         todo = torch.ones(want, dtype=torch.bool, device=R.device)
         if not expand_all:
             todo = (resid > floor).any(0)

@@ -108,14 +108,20 @@ class TruncatedSpectrum:
 def gram_operator(W: torch.Tensor, side: SideName):
     """X (b, d, c) -> M X for M = W Wᵀ (side "left") or Wᵀ W, with W (b, m, n)."""
     def left(X: torch.Tensor) -> torch.Tensor:
-        share()
         return W @ t_mul(W, X)
 
     def right(X: torch.Tensor) -> torch.Tensor:
-        share()
         return t_mul(W, W @ X)
 
-    return left if side == "left" else right
+    one = left if side == "left" else right
+
+    def apply(X: torch.Tensor) -> torch.Tensor:
+        share()
+        if X.shape[-1] == 2 and X.device.type == "cpu":  # MKL: two matrix-vector products beat one 2-column
+            return torch.cat([one(X[..., :1]), one(X[..., 1:])], -1)  # product (120 against 129 ms, 8192 x 28672)
+        return one(X)
+
+    return apply
 
 
 def _coarse_gram(W: torch.Tensor, side: SideName, dtype: torch.dtype):
