@@ -78,9 +78,10 @@ def refuse_target_parameters(value, where: str) -> None:
     if value:
         raise CheckpointError(
             f"{where}: target_parameters {list(value) if isinstance(value, list | tuple) else value!r} (LoRA on "
-            f"fused parameters such as MoE experts) is not supported yet; merge it into its base with peft "
-            f"(merge_and_unload(), then save_pretrained) and pass that folder as TUNED: transformers saves the "
-            f"experts one by one there, and each is analysed as its own matrix.")
+            f"fused parameters such as MoE experts) is supported only where BASE stores the fused tensor itself "
+            f"(as gpt-oss does); merge it into its base with peft (merge_and_unload(), then save_pretrained) and "
+            f"pass that folder as TUNED: transformers saves the experts one by one there, and each is analysed as "
+            f"its own matrix.")
 
 
 def refuse_mutated_base(init, where: str) -> None:

@@ -44,6 +44,7 @@ def transposed_pattern(model_type: str | None) -> re.Pattern[str] | None:
 
 
 def module_type(tensor_name: str) -> str:
-    """The module kind of a weight, e.g. ``q_proj`` for ``model.layers.0.self_attn.q_proj.weight``."""
-    parts = tensor_name.split(".")
+    """The module kind of a weight, e.g. ``q_proj`` for ``model.layers.0.self_attn.q_proj.weight``
+    (``down_proj`` for one expert of a fused tensor, ``model.layers.0.mlp.experts.down_proj[7]``)."""
+    parts = re.sub(r"\[\d+\]$", "", tensor_name).split(".")
     return parts[-2] if len(parts) >= 2 and parts[-1] == "weight" else parts[-1]

@@ -229,6 +229,20 @@ class CheckpointReader:
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path}: tensor {name!r} could not be read ({e}).") from e
 
+    def get_expert(self, name: str, index: int) -> torch.Tensor:
+        """Slice ``index`` of a 3-D tensor (one expert of a fused tensor), reading only that slice."""
+        path = self._files.get(name)
+        if path is None:
+            raise CheckpointError(f"{self.path}: has no tensor named {name!r}.")
+        try:
+            with self._lock:
+                handle = self._open(path)
+                if isinstance(handle, _PickleHandle):
+                    return handle.get_tensor(name)[index].clone()
+                return handle.get_slice(name)[index]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r}, expert {index}, could not be read ({e}).") from e
+
 
 class _PickleHandle:
     """The subset of safetensors' ``safe_open`` API over an already-loaded state dict."""

@@ -16,6 +16,7 @@ from .controls import ControlKind, ControlPair, choose_controls, control_factors
 from .detector import DetectOptions, analyse, decisive
 from .editor import MatrixPatch, make_patch
 from .errors import CheckpointError
+from .experts import split_expert_name
 from .pairs import PairSource
 
 logger = logging.getLogger(__name__)
@@ -63,12 +64,17 @@ class InPlacePatcher:
         self.scale = 1.0
 
     def _param(self, name: str) -> torch.Tensor:
+        """The model's tensor for a checkpoint name; for one expert of a fused tensor (``name[e]``), a view of
+        its slice, so edits land in the fused parameter."""
+        split = split_expert_name(name)
+        target = name if split is None else split[0]
         for getter in (self.model.get_parameter, self.model.get_buffer):
             try:
-                return getter(name)
+                tensor = getter(target)
             except AttributeError:
                 continue
-        raise CheckpointError(f"the loaded model has no parameter or buffer {name!r} to load the fine-tune into.")
+            return tensor if split is None else tensor[split[1]]
+        raise CheckpointError(f"the loaded model has no parameter or buffer {target!r} to load the fine-tune into.")
 
     @torch.no_grad()
     def _load_tuned(self, src: PairSource) -> None:

@@ -1,4 +1,5 @@
-"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA, VeRA), merged by peft one module at a time.
+"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA, VeRA), and LoRA adapters on fused expert
+parameters (``target_parameters``), merged by peft one module at a time.
 
 Their updates are not a B·A product the low-rank path can use, so each targeted module is rebuilt
 alone: a ``torch.nn.Linear`` holding the base weight (float32), placed at the module's own path in
@@ -9,6 +10,12 @@ are shared by all its layers (peft's injection refuses it), so its tree goes thr
 and then holds the saved projections, which each layer slices to its own size. The result, W_tuned, goes
 to the dense path; nothing beyond one module is ever in memory.
 
+A LoRA adapter with ``target_parameters`` (peft's ``ParamWrapper`` on 3-D expert tensors) is merged the same
+way, its experts module rebuilt as a module holding the base's fused tensors under their own names, with the
+``is_transposed`` flag of transformers' experts class (``experts``): only where the fused tensor is stored
+under that name on disk (gpt-oss); experts that transformers fuses only in memory (Mixtral, whose checkpoint
+holds them one by one) are refused with what to pass instead.
+
 ``MergedAdapter`` reads like a full checkpoint of the merged model: the base's tensors, with every
 targeted weight (and bias, which IA³ scales) replaced by its merge. In float32 each merge is
 bit-exact with ``merge_and_unload()``; for a lower-precision base it is the float32 merge rounded
@@ -18,6 +25,7 @@ once to the base's dtype.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +33,7 @@ import torch
 
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError
+from .experts import expert_layouts
 
 MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA", "VERA")  # peft types merged per module
 SHARED = {"VERA": ("vera_A", "vera_B")}  # tensors saved once for all layers, as base_model.<name>
@@ -55,14 +64,23 @@ class MergedAdapter:
                                   f"({missing[0]}; save_projection=False), which peft regenerates from the whole "
                                   "model; save it with save_projection=True, or merge it with peft and pass the "
                                   "merged model as TUNED.")
+        self.target_parameters = list(getattr(self.config, "target_parameters", None) or [])
         self.targets = self._targets(set(base.names()), match)  # base weight name -> module path in the adapter
         self._biases = {n.removesuffix(".weight") + ".bias": n for n in self.targets}
         self._last: tuple[str, torch.nn.Module, dict[str, torch.dtype]] | None = None
+        fused = {n: base.shape(n) for n in self.targets if len(base.shape(n)) == 3}
+        self.layouts = expert_layouts(base.path, fused) if fused else {}  # fused name -> stored (E, in, out)
+        if unknown := sorted(set(fused) - set(self.layouts)):
+            from .adapter_settings import refuse_target_parameters  # it imports this module
+
+            refuse_target_parameters(self.target_parameters, f"{path / 'adapter_config.json'} ({unknown[0]} is "
+                                     "fused on disk, but no transformers experts class of BASE's config owns it)")
 
     def _targets(self, base_names: set[str], match) -> dict[str, str]:
         """Base weight name -> adapter module path, for every module the adapter's tensors belong to."""
         out: dict[str, str] = {}
         self._keys: dict[str, list[str]] = {}  # module path -> its adapter tensors
+        fused = self._fused_targets(base_names)
         for key in self.reader.names():
             if key in self.shared.values():
                 continue
@@ -71,17 +89,33 @@ class MergedAdapter:
             parts = key[len(PREFIX):].split(".")
             for i in range(len(parts) - 1, 0, -1):  # the longest module path with a base weight
                 module = ".".join(parts[:i])
-                if (name := match(module, base_names)) is not None:
-                    out[name] = module
+                names = fused.get(module) or [match(module, base_names)]
+                if names[0] is not None:
+                    out.update(dict.fromkeys(names, module))
                     self._keys.setdefault(module, []).append(key)
                     break
             else:
+                if self.target_parameters:  # experts transformers fuses only in memory: not in this checkpoint
+                    from .adapter_settings import refuse_target_parameters  # it imports this module
+
+                    refuse_target_parameters(self.target_parameters, str(self.path / "adapter_config.json"))
                 raise CheckpointError(f"{self.path}: adapter tensor {key!r} updates no weight of base "
                                       f"{self.base.path}; was it trained for another base model?")
         for name in out:
+            if len(self.base.shape(name)) == 3 and self.target_parameters:
+                continue  # an expert tensor, merged by peft's ParamWrapper
             if len(self.base.shape(name)) != 2:
                 raise CheckpointError(f"{self.path}: {self.peft_type} updates {name}, which is not a 2-D linear "
                                       "weight; only linear layers are supported for this adapter type.")
+        return out
+
+    def _fused_targets(self, base_names: set[str]) -> dict[str, list[str]]:
+        """Module path -> the 3-D base tensors ``module.<param>`` that ``target_parameters`` names (peft's rule:
+        the whole name, or a suffix after a dot)."""
+        out: dict[str, list[str]] = {}
+        for n in sorted(base_names) if self.target_parameters else []:
+            if len(self.base.shape(n)) == 3 and any(n == t or n.endswith("." + t) for t in self.target_parameters):
+                out.setdefault(n.rpartition(".")[0], []).append(n)
         return out
 
     @property
@@ -106,38 +140,55 @@ class MergedAdapter:
         if weight is None:
             return self.base.get(name)
         layer, dtypes = self._merged(weight)
-        out = layer.weight if name == weight else layer.bias
+        out = getattr(layer, weight.rpartition(".")[2]) if name == weight else layer.bias
         return out.detach().to(dtypes[name])  # the stored dtype, read once with the tensor
+
+    def get_expert(self, name: str, index: int) -> torch.Tensor:
+        """Expert ``index`` of a fused tensor: of the merge where the adapter targets it, else of the base's."""
+        if name not in self.targets:
+            return self.base.get_expert(name, index)
+        layer, dtypes = self._merged(name)
+        return getattr(layer, name.rpartition(".")[2])[index].detach().to(dtypes[name])
 
     def _merged(self, name: str) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
         """The base layer of ``name`` after peft merged the adapter into it, and the stored dtypes of its weight
         and bias (the last one is kept)."""
+        module = self.targets[name]
         last = self._last  # one read: worker threads replace it
-        if last is not None and last[0] == name:
+        if last is not None and last[0] == module:
             return last[1], last[2]
         from peft import inject_adapter_in_model
 
-        module = self.targets[name]
         # peft merges in place: copies, since a reader's tensor may share its pages with the file's mapping
-        stored = {n: self.base.get(n) for n in (name, self._bias_of(name)) if n is not None}
+        fused = [n for n in self.layouts if self.targets.get(n) == module]  # in the class's parameter order,
+        # which decides how peft nests the ParamWrappers of one module (and so where each saved tensor goes)
+        names = fused or [n for n in (name, self._bias_of(name)) if n is not None]
+        stored = {n: self.base.get(n) for n in names}
         dtypes = {n: t.dtype for n, t in stored.items()}
-        W0, *bias = (t.to(torch.float32, copy=True) for t in stored.values())  # (out, in), then the bias if any
-        bias = bias[0] if bias else None
-        root = _tree(module, W0, bias)
+        work = [t.to(torch.float32, copy=True) for t in stored.values()]
+        if fused:  # the experts module: its targeted fused tensors under their own names
+            root = _tree(module, _experts({n.rpartition(".")[2]: w for n, w in zip(names, work, strict=True)},
+                                          self.layouts[fused[0]]))
+        else:  # W0 (out, in), then the bias if any
+            root = _tree(module, _linear(work[0], work[1] if len(work) > 1 else None))
         try:  # peft's own checks of the config, and shapes that do not fit this base
             if self.shared:
                 layer = self._with_shared(root, module)
             else:
-                inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
+                with warnings.catch_warnings():  # a one-module tree holds only one kind of the adapter's targets;
+                    # every saved tensor must still find its place (``_load``)
+                    warnings.filterwarnings("ignore", r"target_(modules|parameters)=.* no (module|parameter) was matched")
+                    inject_adapter_in_model(copy.copy(self.config), root, adapter_name=ADAPTER)
                 layer = root.get_submodule(module)
             self._load(layer, module)
-            layer.merge(adapter_names=[ADAPTER])
+            for tuner in [m for m in layer.modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer")]:
+                tuner.merge(adapter_names=[ADAPTER])  # nested ParamWrappers: each merges its own parameter
         except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"{self.path}: peft could not apply this {self.peft_type} adapter to {module} of "
                                   f"base {self.base.path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                                   "was it trained for another base model?") from e
         base_layer = layer.get_base_layer()
-        self._last = (name, base_layer, dtypes)
+        self._last = (module, base_layer, dtypes)
         return base_layer, dtypes
 
     def _with_shared(self, root: torch.nn.Module, module: str) -> torch.nn.Module:
@@ -172,17 +223,32 @@ class MergedAdapter:
                                   f"{missing[0]}; was the adapter saved by another peft version?")
 
 
-def _tree(module: str, W0: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
-    """An otherwise empty module tree with one ``Linear`` (weight W0 (out, in)) at the dotted path ``module``."""
+def _tree(module: str, leaf_module: torch.nn.Module) -> torch.nn.Module:
+    """An otherwise empty module tree with ``leaf_module`` at the dotted path ``module``."""
     root = parent = torch.nn.Module()
     *path, leaf = module.split(".")
     for part in path:
         child = torch.nn.Module()
         parent.add_module(part, child)
         parent = child
+    parent.add_module(leaf, leaf_module)
+    return root
+
+
+def _linear(W0: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Module:
+    """A ``Linear`` holding W0 (out, in) and the bias."""
     linear = torch.nn.Linear(W0.shape[1], W0.shape[0], bias=bias is not None, device="meta")
     linear.weight = torch.nn.Parameter(W0, requires_grad=False)
     if bias is not None:
         linear.bias = torch.nn.Parameter(bias, requires_grad=False)
-    parent.add_module(leaf, linear)
-    return root
+    return linear
+
+
+def _experts(params: dict[str, torch.Tensor], transposed: bool) -> torch.nn.Module:
+    """An experts module as peft's ParamWrapper sees one: its fused (E, ·, ·) tensors, and transformers'
+    ``is_transposed`` flag of the class that owns them (peft reads it to know which side is the input)."""
+    module = torch.nn.Module()
+    for name, tensor in params.items():
+        module.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    module.is_transposed = transposed
+    return module

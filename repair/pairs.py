@@ -13,10 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import LoraAdapter, LoraModule
-from .adapter_settings import ADAPTER_CONFIG, refuse_target_parameters
+from .adapter_settings import ADAPTER_CONFIG
 from .archs import EXCLUDED_MATRICES, transposed_pattern
 from .checkpoint import CheckpointReader
 from .errors import CheckpointError, RepairError
+from .experts import ExpertView, expert_layouts, split_expert_name
 from .merged_adapter import MERGED_TYPES, MergedAdapter
 from .pipeline import LARGE_BYTES, in_background, ordered_map
 from .quantized import refuse_quantized
@@ -82,15 +83,15 @@ class PairSource:
             raise CheckpointError(f"{base.path}: BASE is a LoRA adapter; expected a full model checkpoint.")
         self.spectra = spectra or SpectraCache(None)
         self._keys: dict[str, str] = {}  # base tensor name -> content hash, once computed
-        self.base = CheckpointReader(base.path, prefix="model", allow_pickle=allow_pickle)
+        self.base: CheckpointReader | ExpertView = CheckpointReader(base.path, prefix="model",
+                                                                     allow_pickle=allow_pickle)
         refuse_quantized(base.path, self.base.names(), "BASE")
         settings_dir = self.spectra.folder.parent / "adapters" if self.spectra.folder is not None else None
         peft_type = _config_field(tuned.path, "peft_type") if tuned.is_adapter else None
-        merged = isinstance(peft_type, str) and peft_type.upper() in MERGED_TYPES
-        if tuned.is_adapter and not merged:  # before its modules are matched: their names would mislead
-            refuse_target_parameters(_config_field(tuned.path, "target_parameters"), str(tuned.path / ADAPTER_CONFIG))
+        fused_lora = tuned.is_adapter and bool(_config_field(tuned.path, "target_parameters"))  # peft's ParamWrapper
+        merged = isinstance(peft_type, str) and (peft_type.upper() in MERGED_TYPES or fused_lora)
         self.adapter = LoraAdapter(tuned.path, allow_pickle, settings_dir) if tuned.is_adapter and not merged else None
-        self.tuned: CheckpointReader | MergedAdapter | None = None
+        self.tuned: CheckpointReader | MergedAdapter | ExpertView | None = None
         if merged:  # merged by peft per module, then read as a full checkpoint
             self.tuned = MergedAdapter(tuned.path, self.base, match_base_name, allow_pickle)
         elif self.adapter is None:
@@ -99,10 +100,27 @@ class PairSource:
             refuse_quantized(tuned.path, self.tuned.names(), "TUNED")
         self.transposed = transposed_pattern(model_type(base.path) if base.path.is_dir() else None)
         self.modules = compile_modules(modules)
+        if isinstance(self.tuned, CheckpointReader | MergedAdapter):  # each expert of a fused tensor is a matrix
+            self._split_experts()
         self.names = self._select()
         if not self.names:
             what = f"--modules {modules!r}" if modules else "the default selection"
             raise RepairError(f"{what}: matched no weight matrix to compare in {tuned.path}.")
+
+    def _split_experts(self) -> None:
+        """Show fused 3-D expert tensors one expert at a time (``experts``), where transformers orients them."""
+        fused = {n: self.base.shape(n) for n in self.base.names() if len(self.base.shape(n)) == 3 and self._wanted(n)}
+        if not fused or not self.base_source.path.is_dir():
+            return
+        layouts = expert_layouts(self.base_source.path, fused)
+        if layouts:
+            self.base, self.tuned = ExpertView(self.base, layouts), ExpertView(self.tuned, layouts)
+
+    @property
+    def merged_adapter(self) -> MergedAdapter | None:
+        """TUNED when it is an adapter that peft merges module by module (see ``merged_adapter``)."""
+        inner = self.tuned.reader if isinstance(self.tuned, ExpertView) else self.tuned
+        return inner if isinstance(inner, MergedAdapter) else None
 
     def _wanted(self, name: str) -> bool:
         if self.modules is not None:
@@ -126,14 +144,18 @@ class PairSource:
                               if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
             return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
-        targeted = self.tuned.targets if isinstance(self.tuned, MergedAdapter) else None  # the rest is the base's
+        merged = self.merged_adapter
+        targeted = set(merged.targets) if merged is not None else None  # the rest is the base's
+        if targeted is not None:
+            targeted |= {n for n in self.base.names() if (split := split_expert_name(n)) and split[0] in targeted}
         fused = [n for n in self.base.names() if len(self.base.shape(n)) == 3 and self._wanted(n)]
         if fused:
-            logger.warning("%s: %d 3-D tensors (experts fused in one tensor, e.g. %s) are not analysed; only 2-D "
-                           "weight matrices are (checkpoints that store experts one by one are analysed per expert)",
+            logger.warning("%s: %d 3-D tensors (e.g. %s) are not analysed: no transformers experts class of this "
+                           "checkpoint's config.json owns them, so their layout is unknown (experts stored one by "
+                           "one, or fused in a tensor such a class declares, are analysed per expert)",
                            self.base_source.path, len(fused), fused[0])
-        return [n for n in self.base.names() if n.endswith(".weight") and len(self.base.shape(n)) == 2
-                and self._wanted(n) and (targeted is None or n in targeted)]
+        return [n for n in self.base.names() if (split_expert_name(n) is not None or n.endswith(".weight"))
+                and len(self.base.shape(n)) == 2 and self._wanted(n) and (targeted is None or n in targeted)]
 
     def _lora_biases(self, base_names: set[str]) -> dict[str, str]:
         """Base bias tensor name -> adapter module, for modules trained with ``lora_bias=True``."""
@@ -149,6 +171,8 @@ class PairSource:
         return out
 
     def is_transposed(self, name: str) -> bool:
+        if isinstance(self.base, ExpertView) and (expert := self.base.transposed(name)) is not None:
+            return expert  # the experts class's own layout
         if self.transposed is not None:
             return bool(self.transposed.search(name))
         return bool(self.adapter is not None and self.adapter.fan_in_fan_out)

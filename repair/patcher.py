@@ -31,7 +31,7 @@ from .editor import (
     truncation_error,
 )
 from .errors import RepairError
-from .merged_adapter import MergedAdapter
+from .experts import ExpertView
 from .pairs import MatrixPair, PairSource
 from .pipeline import in_background, ordered_batches
 from .plan import Plan, check_per_matrix, check_scale
@@ -273,7 +273,9 @@ def _write(src: PairSource, opts: PatchOptions, plan: Plan | None, tmp: Path, me
            edits: list[MatrixEdit]) -> list[Path]:
     if opts.format == "merged":
         writer = TensorWriter(tmp, "model", opts.max_shard_size, meta)
-        for name, tensor in _merged_tensors(src, opts, plan, edits):
+        reader = src.base if src.adapter else src.tuned
+        tensors = _merged_tensors(src, opts, plan, edits)
+        for name, tensor in reader.fused(tensors) if isinstance(reader, ExpertView) else tensors:
             writer.save(name, tensor)
         files = writer.finalize()
         config_dir = src.base_source.path if src.tuned_source.is_adapter else src.tuned_source.path  # any adapter
@@ -297,8 +299,11 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
                        opts.plan, plan.base, plan.tuned, base, tuned)
     src = opts.detect.pairs(base, tuned)
     if opts.format == "adapter" and src.adapter is None:
-        what = (f"a {src.tuned.peft_type} adapter, which is merged for analysis and has no LoRA factors to extend"
-                if isinstance(src.tuned, MergedAdapter) else "a full checkpoint")
+        merged = src.merged_adapter
+        kind = "LoRA adapter on fused expert parameters" if merged is not None and merged.target_parameters else (
+            f"{merged.peft_type} adapter" if merged is not None else "")
+        what = (f"a {kind}, which is merged for analysis and has no LoRA factors to extend" if merged is not None
+                else "a full checkpoint")
         raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
                           "use --format merged.")
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)

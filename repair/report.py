@@ -17,7 +17,8 @@ Side = Literal["left", "right", "both"]
 class MatrixReport(BaseModel):
     """Intruder analysis of one weight matrix."""
 
-    name: str = Field(description="base tensor name, e.g. model.layers.0.self_attn.q_proj.weight")
+    name: str = Field(description="base tensor name, e.g. model.layers.0.self_attn.q_proj.weight; one expert of "
+                                  "a fused 3-D tensor: model.layers.0.mlp.experts.down_proj[7]")
     module_type: str
     shape: list[int] = Field(description="stored shape of the base tensor")
     transposed: bool = Field(False, description="stored as (in, out) and analysed as (out, in)")
