@@ -73,11 +73,16 @@ def test_every_mass_lies_under_its_pieces_bound(spectrum, steps):
         assert float(b.largest()[0, c]) <= float(pair_sums(q).amax(-1)[0, c]) * (1 + 1e-12)
 
 
-def test_tighter_than_pair_sums_on_a_dense_spectrum():
-    gen = torch.Generator().manual_seed(1)
+def dense_with_unit_vector(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense spectrum of 2000 eigenvalues and a random unit vector (2000, 1)."""
+    gen = torch.Generator().manual_seed(seed)
     lam = dense_spectrum(2000, gen)
     x = torch.randn(2000, 1, generator=gen, dtype=torch.float64)
-    x /= x.norm()
+    return lam, x / x.norm()
+
+
+def test_tighter_than_pair_sums_on_a_dense_spectrum():
+    lam, x = dense_with_unit_vector(1)
     for steps in (32, 64):
         q = run(lam, x, steps)
         chris, pairs = float(point_mass_bounds(q).largest()), float(pair_sums(q).amax())
@@ -87,10 +92,7 @@ def test_tighter_than_pair_sums_on_a_dense_spectrum():
 def test_largest_is_the_peak_of_the_christoffel_function():
     """The bound is the supremum of λ(t) = 1 / K(t), evaluated rigorously: never below that supremum as
     sampled on a fine grid, and within 0.5% of it (the re-cut pieces; four pieces per gap overstate it)."""
-    gen = torch.Generator().manual_seed(4)
-    lam = dense_spectrum(2000, gen)
-    x = torch.randn(2000, 1, generator=gen, dtype=torch.float64)
-    x /= x.norm()
+    lam, x = dense_with_unit_vector(4)
     for steps in (24, 48):
         q = run(lam, x, steps)
         largest = float(point_mass_bounds(q).largest())

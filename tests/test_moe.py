@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,14 @@ def tiny_mixtral(seed: int = 0):
     return MixtralForCausalLM(cfg)
 
 
+def detect_rows(base: Path, tuned: Path, out: Path, *extra: str) -> dict[str, dict]:
+    """``repair detect BASE TUNED --json OUT --top-k 4 --no-cache`` (plus ``extra``): its matrices by name."""
+    res = CliRunner().invoke(main, ["detect", str(base), str(tuned), "--json", str(out), "--top-k", "4",
+                                    "--no-cache", *extra])
+    assert res.exit_code == 0, res.output
+    return {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
+
+
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A base, a target_parameters LoRA on the experts' down projections, and that adapter merged by peft."""
@@ -41,14 +50,19 @@ def moe(tmp_path_factory):
     torch.manual_seed(1)
     cfg = LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.down_proj"], target_modules=["q_proj"],
                      init_lora_weights=False)
-    model = get_peft_model(tiny_mixtral(), cfg)
+    save_adapter_and_merge(get_peft_model(tiny_mixtral(), cfg), root, boost=20.0)
+    return root
+
+
+def save_adapter_and_merge(model, root, boost: float) -> None:
+    """Scale every lora_B by ``boost`` (strong enough to plant intruders), then save the adapter to
+    root/adapter and peft's merge_and_unload() to root/merged."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.mul_(20.0)  # strong enough to plant intruders
+                p.mul_(boost)
     model.save_pretrained(str(root / "adapter"))
     model.merge_and_unload().save_pretrained(str(root / "merged"))
-    return root
 
 
 def test_target_parameters_adapter_is_refused_with_what_to_pass(moe):
@@ -58,11 +72,7 @@ def test_target_parameters_adapter_is_refused_with_what_to_pass(moe):
 
 
 def test_merged_moe_is_analysed_per_expert_against_float64(moe, tmp_path):
-    out = tmp_path / "report.json"
-    res = CliRunner().invoke(main, ["detect", str(moe / "base"), str(moe / "merged"), "--json", str(out),
-                                    "--top-k", "4", "--no-cache"])
-    assert res.exit_code == 0, res.output
-    rows = {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
+    rows = detect_rows(moe / "base", moe / "merged", tmp_path / "report.json")
     base, merged = load_file(moe / "base" / "model.safetensors"), load_file(moe / "merged" / "model.safetensors")
     experts = [n for n in base if ".experts." in n and n.endswith("w2.weight")]
     assert len(experts) == 4 and all(n in rows for n in experts)  # each expert its own matrix, on-disk names
@@ -140,11 +150,7 @@ def _oriented(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_fused_experts_are_analysed_one_by_one_against_float64(fused, tmp_path):
-    out = tmp_path / "report.json"
-    res = CliRunner().invoke(main, ["detect", str(fused / "base"), str(fused / "tuned"), "--json", str(out),
-                                    "--top-k", "4", "--side", "both", "--no-cache"])
-    assert res.exit_code == 0, res.output
-    rows = {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
+    rows = detect_rows(fused / "base", fused / "tuned", tmp_path / "report.json", "--side", "both")
     base, tuned = load_file(fused / "base" / "model.safetensors"), load_file(fused / "tuned" / "model.safetensors")
     for tensor in (DOWN, GATE_UP):
         for e in range(4):
@@ -223,13 +229,7 @@ def fused_lora(fused, tmp_path_factory):
     torch.manual_seed(3)
     cfg = LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
                      target_modules=["q_proj"], init_lora_weights=False)
-    model = get_peft_model(GptOssForCausalLM.from_pretrained(str(fused / "base")), cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(30.0)  # strong enough to plant intruders
-    model.save_pretrained(str(root / "adapter"))
-    model.merge_and_unload().save_pretrained(str(root / "merged"))
+    save_adapter_and_merge(get_peft_model(GptOssForCausalLM.from_pretrained(str(fused / "base")), cfg), root, 30.0)
     return root
 
 
@@ -251,11 +251,7 @@ def test_target_parameters_lora_merges_as_peft_does(fused, fused_lora, tmp_path)
 
 
 def test_target_parameters_lora_is_analysed_per_expert_against_float64(fused, fused_lora, tmp_path):
-    out = tmp_path / "report.json"
-    res = CliRunner().invoke(main, ["detect", str(fused / "base"), str(fused_lora / "adapter"), "--json", str(out),
-                                    "--top-k", "4", "--no-cache"])
-    assert res.exit_code == 0, res.output
-    rows = {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
+    rows = detect_rows(fused / "base", fused_lora / "adapter", tmp_path / "report.json")
     base, merged = load_file(fused / "base" / "model.safetensors"), load_file(fused_lora / "merged" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in rows
     found = 0
