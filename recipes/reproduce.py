@@ -11,7 +11,8 @@ inside it is replaced by the table ``evals.results.markdown_table`` prints from 
 function ``repair sweep`` prints with), and a line starting ``Against the`` by the control verdict.
 ``--check`` (and ``tests/test_docs_tables.py``, in CI) asserts that every marked region already says
 exactly that, so no number in the docs can drift from what the code prints. Runs take minutes each
-on a 2-core CPU (``demo`` about 5, the control sweeps about 4); ``--check`` takes a second.
+on a 2-core CPU (``demo`` about 5, the control sweeps about 4, ``b-only`` about 8 with its training run);
+``--check`` takes a second.
 """
 
 from __future__ import annotations
@@ -33,16 +34,25 @@ SWEEP = ["sweep", "smollm2-135m", "repair/demo", "--task", "addition", "--limit"
 
 @dataclass(frozen=True)
 class Target:
-    args: list[str]  # repair CLI arguments; "{out}" is a fresh output folder
+    commands: list[list[str]]  # repair CLI arguments, run in order; "{out}" is a fresh output folder
     result: str  # the sweep JSON, relative to that folder
+    stored: str = ""  # its name under recipes/results/ (default: <target>.json)
 
 
 TARGETS: dict[str, Target] = {
-    "demo": Target(["demo", "--out", "{out}"], "sweep/sweep.json"),
-    "controls-matched": Target([*SWEEP, "--control", "matched", "--out", "{out}"], "sweep.json"),
-    "controls-neighbour": Target([*SWEEP, "--control", "neighbour", "--out", "{out}"], "sweep.json"),
-    "per-matrix-1": Target([*SWEEP, "--control", "matched", "--per-matrix", "1", "--out", "{out}"], "sweep.json"),
+    "demo": Target([["demo", "--out", "{out}"]], "sweep/sweep.json"),
+    "controls-matched": Target([[*SWEEP, "--control", "matched", "--out", "{out}"]], "sweep.json"),
+    "controls-neighbour": Target([[*SWEEP, "--control", "neighbour", "--out", "{out}"]], "sweep.json"),
+    "per-matrix-1": Target([[*SWEEP, "--control", "matched", "--per-matrix", "1", "--out", "{out}"]], "sweep.json"),
+    "b-only": Target([["finetune", "recipes/smollm2-addition-lora-r1-a16-b-only.yaml", "--out", "{out}/run"],
+                      ["sweep", "smollm2-135m", "{out}/run/adapter", "--task", "addition", "--limit", "200",
+                       "--scales", "0,1", "--control", "none", "--out", "{out}/sweep"]],
+                     "sweep/sweep.json", "lora-r1-a16-b-only-sweep.json"),
 }
+
+
+def stored(name: str) -> Path:
+    return RESULTS / (TARGETS[name].stored or f"{name}.json")
 
 
 def region(name: str) -> re.Pattern[str]:
@@ -54,7 +64,7 @@ def rendered(name: str) -> tuple[str, str | None]:
     """The table and the control verdict (None without a control) printed from ``results/<name>.json``."""
     from evals.results import SweepReport, control_verdict, markdown_table
 
-    report = SweepReport.model_validate_json((RESULTS / f"{name}.json").read_text())
+    report = SweepReport.model_validate_json(stored(name).read_text())
     return markdown_table(report), control_verdict(report)
 
 
@@ -92,9 +102,9 @@ def check() -> list[str]:
             problems.append(f"{name}: no region of {', '.join(d.name for d in DOCS)} is marked for it")
         for doc, (t, v) in found:
             if t != table:
-                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the table differs from results/{name}.json")
+                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the table differs from results/{stored(name).name}")
             if verdict is not None and v != verdict:
-                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the verdict differs from results/{name}.json")
+                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the verdict differs from results/{stored(name).name}")
     return problems
 
 
@@ -103,11 +113,12 @@ def run(name: str) -> None:
     target = TARGETS[name]
     with tempfile.TemporaryDirectory(prefix=f"reproduce-{name}-") as tmp:
         out = Path(tmp) / "out"
-        cmd = [sys.executable, "-m", "repair.cli", *(a.replace("{out}", str(out)) for a in target.args)]
-        print("$", " ".join(cmd[2:]), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
+        for args in target.commands:
+            cmd = [sys.executable, "-m", "repair.cli", *(a.replace("{out}", str(out)) for a in args)]
+            print("$ repair", " ".join(cmd[3:]), flush=True)
+            subprocess.run(cmd, cwd=ROOT, check=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / target.result, RESULTS / f"{name}.json")
+        shutil.copyfile(out / target.result, stored(name))
     for doc in DOCS:
         text = doc.read_text()
         if (new := rewrite(text, name)) != text:
@@ -123,7 +134,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.list:
         for name, t in TARGETS.items():
-            print(f"{name:20} repair {' '.join(t.args)}")
+            print(f"{name:20} " + "; ".join("repair " + " ".join(args) for args in t.commands))
         return
     if not args.check:
         for name in args.only or TARGETS:
