@@ -306,13 +306,15 @@ def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dty
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field before validation, e.g. --set lora.r=4 --set lora.alpha=2r (repeatable).")
 @_handle_errors
-def finetune(recipe, out, overwrite):
+def finetune(recipe, out, overwrite, overrides):
     """Fine-tune (LoRA or full) as RECIPE.yaml says; see recipes/."""
     from .finetune import finetune as run_finetune
     from .recipe import load_recipe
 
-    final = run_finetune(load_recipe(recipe), out, overwrite)
+    final = run_finetune(load_recipe(recipe, overrides), out, overwrite)
     made = [f"checkpoints in {out / 'checkpoints'}", f"log in {out / 'training_log.json'}"]
     if (out / "intruders.json").is_file():
         made.append(f"intruders over training in {out / 'intruders.json'}")

@@ -77,8 +77,30 @@ class Recipe(_Strict):
         return self
 
 
-def load_recipe(path: Path | str) -> Recipe:
-    """Parse and validate a recipe; errors name the file and the offending field."""
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``data`` with each ``KEY.PATH=VALUE`` set (VALUE read as YAML: ``lora.r=4``, ``lora.alpha=2r``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise RepairError(f"--set {item!r}: expected KEY=VALUE with a dotted recipe field, e.g. lora.r=4.")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RepairError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}).") from e
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RepairError(f"--set {item!r}: recipe field {part!r} is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Parse and validate a recipe, with ``--set`` overrides applied first; errors name the file and the
+    offending field."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -88,6 +110,7 @@ def load_recipe(path: Path | str) -> Recipe:
         raise RepairError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from e
     if not isinstance(data, dict):
         raise RepairError(f"{path}: expected a mapping of recipe fields at the top level.")
+    data = apply_overrides(data, overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
