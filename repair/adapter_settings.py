@@ -78,8 +78,10 @@ def refuse_target_parameters(value, where: str) -> None:
     if value:
         raise CheckpointError(
             f"{where}: target_parameters {list(value) if isinstance(value, list | tuple) else value!r} (LoRA on "
-            f"fused parameters such as MoE experts) is supported only where BASE stores the fused tensor itself "
-            f"(as gpt-oss does); merge it into its base with peft (merge_and_unload(), then save_pretrained) and "
+            f"fused parameters such as MoE experts) is supported where BASE stores the fused tensor itself (as "
+            f"gpt-oss does) or where transformers' conversion mapping builds it from per-expert tensors (Mixtral, "
+            f"Qwen-MoE), neither of which holds here; merge it into its base with peft (merge_and_unload(), then "
+            f"save_pretrained) and "
             f"pass that folder as TUNED: transformers saves the experts one by one there, and each is analysed as "
             f"its own matrix.")
 

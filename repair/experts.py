@@ -11,6 +11,7 @@ meta device. A 3-D tensor no experts class declares is left out, with a warning 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -42,7 +43,7 @@ def expert_layouts(folder: Path, fused: dict[str, tuple[int, ...]]) -> dict[str,
     parameter order."""
     if not fused or not (folder / "config.json").is_file():
         return {}
-    model = _meta_model(folder)
+    model = meta_model(folder)
     if model is None:
         return {}
     out: dict[str, bool] = {}
@@ -56,10 +57,18 @@ def expert_layouts(folder: Path, fused: dict[str, tuple[int, ...]]) -> dict[str,
     return out
 
 
-def _meta_model(folder: Path) -> torch.nn.Module | None:
-    """The model of ``folder``'s config.json built on the meta device (no memory), by transformers' Auto tables."""
+def meta_model(folder: Path) -> torch.nn.Module | None:
+    """The model of ``folder``'s config.json built on the meta device (no memory), by transformers' Auto tables;
+    built once per config file (read it, never change it)."""
+    config = Path(folder) / "config.json"
+    return _built(str(config.resolve()), config.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _built(config_path: str, mtime_ns: int) -> torch.nn.Module | None:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    folder = Path(config_path).parent
     try:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except (ValueError, KeyError, OSError) as e:  # an architecture this transformers does not know

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .controls import ControlKind, ControlPair, choose_controls, control_factors, spill_order
+from .conversions import disk_slices
 from .detector import DetectOptions, analyse, decisive
 from .editor import MatrixPatch, make_patch
 from .errors import CheckpointError
@@ -43,7 +44,9 @@ class InPlacePatcher:
 
     def __init__(self, model: torch.nn.Module, src: PairSource, opts: DetectOptions, per_matrix: int | None = None,
                  control: ControlKind = "none"):
-        self.model, self.opts, self.control = model, opts, control
+        self.model, self.opts, self.control, self._src = model, opts, control, src
+        self._params = {n for n, _ in model.named_parameters()}
+        self._slices: dict | None = None
         self._load_tuned(src)
         self.entries: list[_Entry] = []
         # 2k triplets: after the ≤ k intruders shrink, the top k of W' are among them
@@ -64,8 +67,9 @@ class InPlacePatcher:
         self.scale = 1.0
 
     def _param(self, name: str) -> torch.Tensor:
-        """The model's tensor for a checkpoint name; for one expert of a fused tensor (``name[e]``), a view of
-        its slice, so edits land in the fused parameter."""
+        """The model's tensor for a checkpoint name, or a view of the slice it occupies, so edits land in the
+        fused parameter: one expert of a tensor fused on disk (``name[e]``), or a per-expert tensor on disk
+        that transformers fused on loading (Mixtral's ``experts.3.w1.weight``, by its conversion mapping)."""
         split = split_expert_name(name)
         target = name if split is None else split[0]
         for getter in (self.model.get_parameter, self.model.get_buffer):
@@ -74,6 +78,12 @@ class InPlacePatcher:
             except AttributeError:
                 continue
             return tensor if split is None else tensor[split[1]]
+        if self._slices is None:  # once: every checkpoint name transformers fused on loading
+            names = [n for n in self._src.base.names() if n not in self._params]
+            self._slices = disk_slices(self.model, names, {n: tuple(self._src.base.shape(n)) for n in names})
+        where = self._slices.get(name)
+        if where is not None:
+            return self.model.get_parameter(where.parameter)[where.index]
         raise CheckpointError(f"the loaded model has no parameter or buffer {target!r} to load the fine-tune into.")
 
     @torch.no_grad()

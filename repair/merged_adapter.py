@@ -27,11 +27,13 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointReader
+from .conversions import DiskSlice, disk_slices, gather
 from .errors import CheckpointError
 from .experts import expert_layouts
 
@@ -39,6 +41,16 @@ MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA", "VERA")  # peft
 SHARED = {"VERA": ("vera_A", "vera_B")}  # tensors saved once for all layers, as base_model.<name>
 PREFIX = "base_model.model."
 ADAPTER = "default"
+
+
+@dataclass(frozen=True)
+class InMemoryExperts:
+    """An experts module whose targeted parameters transformers fuses on loading (Mixtral, Qwen-MoE)."""
+
+    params: list[str]  # the targeted fused parameters, in the class's parameter order
+    shapes: dict[str, tuple[int, ...]]  # their fused shapes
+    disk: dict[str, list[str]]  # parameter -> the on-disk tensors it is made of
+    transposed: bool  # transformers' is_transposed flag of the experts class
 
 
 class MergedAdapter:
@@ -65,6 +77,10 @@ class MergedAdapter:
                                   "model; save it with save_projection=True, or merge it with peft and pass the "
                                   "merged model as TUNED.")
         self.target_parameters = list(getattr(self.config, "target_parameters", None) or [])
+        self.in_memory: dict[str, InMemoryExperts] = {}  # module path -> experts fused only in memory (Mixtral)
+        self.slices: dict[str, DiskSlice] = {}  # on-disk expert tensor -> its slice of the fused parameter
+        if self.target_parameters:
+            self._find_in_memory_experts(base)
         self.targets = self._targets(set(base.names()), match)  # base weight name -> module path in the adapter
         self._biases = {n.removesuffix(".weight") + ".bias": n for n in self.targets}
         self._last: tuple[str, torch.nn.Module, dict[str, torch.dtype]] | None = None
@@ -114,9 +130,32 @@ class MergedAdapter:
         the whole name, or a suffix after a dot)."""
         out: dict[str, list[str]] = {}
         for n in sorted(base_names) if self.target_parameters else []:
-            if len(self.base.shape(n)) == 3 and any(n == t or n.endswith("." + t) for t in self.target_parameters):
+            if len(self.base.shape(n)) == 3 and self._targeted(n):
                 out.setdefault(n.rpartition(".")[0], []).append(n)
+        for module, experts in self.in_memory.items():
+            out[module] = [n for param in experts.params for n in experts.disk[param]]
         return out
+
+    def _targeted(self, param: str) -> bool:
+        return any(param == t or param.endswith("." + t) for t in self.target_parameters)
+
+    def _find_in_memory_experts(self, base: CheckpointReader) -> None:
+        """Experts modules whose targeted parameters transformers fuses on loading from per-expert tensors on
+        disk (its conversion mapping, read on the model built from BASE's config.json on the meta device)."""
+        from .experts import meta_model
+
+        names = [n for n in base.names() if len(base.shape(n)) == 2]
+        if not (base.path / "config.json").is_file() or (meta := meta_model(base.path)) is None:
+            return
+        self.slices = {n: s for n, s in disk_slices(meta, names, {n: tuple(base.shape(n)) for n in names}).items()
+                       if self._targeted(s.parameter)}
+        for module_name, module in meta.named_modules():
+            params = [f"{module_name}.{p}" for p, _ in module.named_parameters(recurse=False)]
+            disk = {p: [n for n, s in self.slices.items() if s.parameter == p] for p in params}
+            if any(disk.values()):
+                self.in_memory[module_name] = InMemoryExperts(
+                    [p for p in params if disk[p]], {p: tuple(meta.get_parameter(p).shape) for p in params},
+                    {p: v for p, v in disk.items() if v}, bool(getattr(module, "is_transposed", False)))
 
     @property
     def files(self) -> list[Path]:
@@ -140,6 +179,8 @@ class MergedAdapter:
         if weight is None:
             return self.base.get(name)
         layer, dtypes = self._merged(weight)
+        if (where := self.slices.get(name)) is not None:  # one expert's slice of a parameter fused in memory
+            return getattr(layer, where.parameter.rpartition(".")[2])[where.index].detach().to(dtypes[name])
         out = getattr(layer, weight.rpartition(".")[2]) if name == weight else layer.bias
         return out.detach().to(dtypes[name])  # the stored dtype, read once with the tensor
 
@@ -162,15 +203,10 @@ class MergedAdapter:
         # peft merges in place: copies, since a reader's tensor may share its pages with the file's mapping
         fused = [n for n in self.layouts if self.targets.get(n) == module]  # in the class's parameter order,
         # which decides how peft nests the ParamWrappers of one module (and so where each saved tensor goes)
-        names = fused or [n for n in (name, self._bias_of(name)) if n is not None]
-        stored = {n: self.base.get(n) for n in names}
-        dtypes = {n: t.dtype for n, t in stored.items()}
-        work = [t.to(torch.float32, copy=True) for t in stored.values()]
-        if fused:  # the experts module: its targeted fused tensors under their own names
-            root = _tree(module, _experts({n.rpartition(".")[2]: w for n, w in zip(names, work, strict=True)},
-                                          self.layouts[fused[0]]))
-        else:  # W0 (out, in), then the bias if any
-            root = _tree(module, _linear(work[0], work[1] if len(work) > 1 else None))
+        if module in self.in_memory:  # experts fused only in memory: assembled from their on-disk tensors
+            root, dtypes = self._in_memory_tree(module)
+        else:
+            root, dtypes = self._tree_of(module, name, fused)
         try:  # peft's own checks of the config, and shapes that do not fit this base
             if self.shared:
                 layer = self._with_shared(root, module)
@@ -190,6 +226,30 @@ class MergedAdapter:
         base_layer = layer.get_base_layer()
         self._last = (module, base_layer, dtypes)
         return base_layer, dtypes
+
+    def _tree_of(self, module: str, name: str, fused: list[str]) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
+        """The module tree holding ``module``'s stored tensors (float32 copies) and their stored dtypes."""
+        names = fused or [n for n in (name, self._bias_of(name)) if n is not None]
+        stored = {n: self.base.get(n) for n in names}
+        dtypes = {n: t.dtype for n, t in stored.items()}
+        work = [t.to(torch.float32, copy=True) for t in stored.values()]
+        if fused:  # the experts module: its targeted fused tensors under their own names
+            return _tree(module, _experts({n.rpartition(".")[2]: w for n, w in zip(names, work, strict=True)},
+                                          self.layouts[fused[0]])), dtypes
+        return _tree(module, _linear(work[0], work[1] if len(work) > 1 else None)), dtypes  # W0 (out, in), bias
+
+    def _in_memory_tree(self, module: str) -> tuple[torch.nn.Module, dict[str, torch.dtype]]:
+        """The experts module as transformers builds it in memory, from the per-expert tensors on disk."""
+        experts = self.in_memory[module]
+        params, dtypes = {}, {}
+        for param in experts.params:
+            parts = [(self.slices[n], self.base.get(n)) for n in experts.disk[param]]
+            dtypes.update({n: t.dtype for n, (_, t) in zip(experts.disk[param], parts, strict=True)})
+            try:
+                params[param.rpartition(".")[2]] = gather(experts.shapes[param], parts, param)
+            except ValueError as e:
+                raise CheckpointError(f"{self.base.path}: {e}; the experts of {module} are not all there.") from e
+        return _tree(module, _experts(params, experts.transposed)), dtypes
 
     def _with_shared(self, root: torch.nn.Module, module: str) -> torch.nn.Module:
         """peft's layer for ``module`` in ``root``, built by ``get_peft_model``, holding the saved shared tensors."""

@@ -1,8 +1,8 @@
 """Mixture-of-experts models as users have them today: what is analysed, what is refused, and what to pass.
 
-A tiny Mixtral built in-process: transformers keeps its experts fused in 3-D parameters in memory and
-saves them one by one on disk (``block_sparse_moe.experts.N.w2.weight``). Oracle: float64 SVDs of the
-saved tensors, and peft's own ``merge_and_unload()``.
+Tiny Mixtral and Qwen-MoE models built in-process: transformers keeps their experts fused in 3-D parameters in
+memory and saves them one by one on disk (``block_sparse_moe.experts.N.w2.weight``); and a tiny gpt-oss, whose
+experts are fused on disk too. Oracle: float64 SVDs of the saved tensors, and peft's own ``merge_and_unload()``.
 """
 
 from __future__ import annotations
@@ -37,20 +37,36 @@ def detect_rows(base: Path, tuned: Path, out: Path, *extra: str) -> dict[str, di
     return {m["name"]: m for m in json.loads(out.read_text())["matrices"]}
 
 
-@pytest.fixture(scope="module")
-def moe(tmp_path_factory):
-    """A base, a target_parameters LoRA on the experts' down projections, and that adapter merged by peft."""
+def tiny_qwen_moe(seed: int = 0):
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=40,
+                         shared_expert_intermediate_size=40, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    return Qwen2MoeForCausalLM(cfg)
+
+
+MOE_MODELS = {"mixtral": tiny_mixtral, "qwen2_moe": tiny_qwen_moe}
+
+
+@pytest.fixture(scope="module", params=sorted(MOE_MODELS))
+def moe(request, tmp_path_factory):
+    """A base whose experts transformers fuses only in memory, a target_parameters LoRA on both fused expert
+    parameters and q_proj, and that adapter merged by peft (saved one tensor per expert, as on disk)."""
     from peft import LoraConfig, get_peft_model
 
-    if not any(p.ndim == 3 for p in tiny_mixtral().parameters()):
-        pytest.skip("this transformers keeps Mixtral's experts as one module each in memory (before 5.0): "
+    build = MOE_MODELS[request.param]
+    if not any(p.ndim == 3 for p in build().parameters()):
+        pytest.skip("this transformers keeps the experts as one module each in memory (before 5.0): "
                     "target_parameters has no fused tensor to target")
-    root = tmp_path_factory.mktemp("moe")
-    tiny_mixtral().save_pretrained(str(root / "base"))
+    root = tmp_path_factory.mktemp(request.param)
+    build().save_pretrained(str(root / "base"))
     torch.manual_seed(1)
-    cfg = LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.down_proj"], target_modules=["q_proj"],
-                     init_lora_weights=False)
-    save_adapter_and_merge(get_peft_model(tiny_mixtral(), cfg), root, boost=20.0)
+    cfg = LoraConfig(r=2, lora_alpha=4, target_parameters=["mlp.experts.down_proj", "mlp.experts.gate_up_proj"],
+                     target_modules=["q_proj"], init_lora_weights=False)
+    save_adapter_and_merge(get_peft_model(build(), cfg), root, boost=20.0)
+    root.joinpath("kind").write_text(request.param)
     return root
 
 
@@ -65,24 +81,74 @@ def save_adapter_and_merge(model, root, boost: float) -> None:
     model.merge_and_unload().save_pretrained(str(root / "merged"))
 
 
-def test_target_parameters_adapter_is_refused_with_what_to_pass(moe):
-    res = CliRunner().invoke(main, ["detect", str(moe / "base"), str(moe / "adapter"), "--no-cache"])
-    assert res.exit_code == 2 and "target_parameters ['mlp.experts.down_proj']" in res.output, res.output
-    assert "merge_and_unload(), then save_pretrained" in res.output and "Traceback" not in res.output
+def test_in_memory_fused_target_parameters_merge_as_peft_does(moe, tmp_path):
+    """λ = 1 writes the plain merge in the base's own per-expert layout: every expert tensor and q_proj as
+    peft's merge_and_unload() saved them, to 1e-5 relative; every other tensor bit-equal."""
+    out = tmp_path / "merged"
+    res = CliRunner().invoke(main, ["patch", str(moe / "base"), str(moe / "adapter"), "--scale", "1.0",
+                                    "--no-cache", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    ours, peft_merged = load_file(out / "model.safetensors"), load_file(moe / "merged" / "model.safetensors")
+    base = load_file(moe / "base" / "model.safetensors")
+    assert set(ours) == set(peft_merged) == set(base)  # the checkpoint's own per-expert names
+    changed = [n for n in base if (".experts." in n and "shared" not in n) or "q_proj.weight" in n]
+    assert len([n for n in changed if ".experts." in n]) == 12  # 4 experts x (gate, up, down)
+    for name in changed:
+        delta, want = ours[name] - base[name], peft_merged[name] - base[name]
+        assert want.norm() > 0.05 * base[name].norm(), name  # the adapter changes it
+        assert (delta - want).norm() <= 1e-5 * want.norm(), name
+    assert all(torch.equal(ours[n], peft_merged[n]) for n in base if n not in changed)
 
 
-def test_merged_moe_is_analysed_per_expert_against_float64(moe, tmp_path):
-    rows = detect_rows(moe / "base", moe / "merged", tmp_path / "report.json")
+def test_in_memory_fused_target_parameters_report_as_their_merge(moe, tmp_path):
+    """The adapter and its merged checkpoint give the same report, per expert under the on-disk names, with the
+    intruders float64 SVDs of the merged tensors find."""
+    rows = detect_rows(moe / "base", moe / "adapter", tmp_path / "adapter.json")
+    merged_rows = detect_rows(moe / "base", moe / "merged", tmp_path / "merged.json")
     base, merged = load_file(moe / "base" / "model.safetensors"), load_file(moe / "merged" / "model.safetensors")
-    experts = [n for n in base if ".experts." in n and n.endswith("w2.weight")]
-    assert len(experts) == 4 and all(n in rows for n in experts)  # each expert its own matrix, on-disk names
+    experts = [n for n in base if ".experts." in n and "shared" not in n]
+    assert all(n in rows and n in merged_rows for n in experts)
     found = 0
     for name in experts:
         _, left, _ = reference(base[name].double(), merged[name].double(), 4)
         assert torch.allclose(torch.tensor(rows[name]["max_cos"], dtype=torch.float64), left, atol=1e-4), name
-        assert rows[name]["intruders"] == [i for i, c in enumerate(left.tolist()) if c < 0.5], name
+        assert rows[name]["intruders"] == merged_rows[name]["intruders"] == \
+            [i for i, c in enumerate(left.tolist()) if c < 0.5], name
         found += len(rows[name]["intruders"])
     assert found > 0
+
+
+def test_in_place_edits_of_per_expert_tensors_reach_the_fused_parameter(moe, tmp_path):
+    """A sweep on the merged checkpoint: its on-disk expert names land in transformers' fused parameters (by the
+    conversion mapping); λ=0 in place equals the written patch, and restore() gives the merge back exactly."""
+    from repair.conversions import disk_slices
+    from repair.detector import DetectOptions
+    from repair.inplace import InPlacePatcher
+
+    opts = DetectOptions(top_k=4, cache=False)
+    model = MOE_MODELS[(moe / "kind").read_text()](seed=9)
+    src = opts.pairs(str(moe / "base"), str(moe / "merged"))
+    patcher = InPlacePatcher(model, src, opts)
+    merged = load_file(moe / "merged" / "model.safetensors")
+    where = {n: w for n, w in disk_slices(model, merged, {n: tuple(t.shape) for n, t in merged.items()}).items()
+             if w.index}  # the expert tensors (the rest is at most renamed)
+    assert len(where) == 12
+
+    def state() -> dict[str, torch.Tensor]:
+        return {n: model.get_parameter(w.parameter)[w.index].detach().clone() for n, w in where.items()}
+
+    assert all(torch.equal(t, merged[n]) for n, t in state().items())  # the fine-tune, loaded into the fused params
+    patched = tmp_path / "patched"
+    res = CliRunner().invoke(main, ["patch", str(moe / "base"), str(moe / "merged"), "--scale", "0.0",
+                                    "--top-k", "4", "--no-cache", "--out", str(patched)])
+    assert res.exit_code == 0, res.output
+    written = load_file(patched / "model.safetensors")
+    patcher.apply(0.0)
+    now = state()
+    assert any(not torch.equal(now[n], merged[n]) for n in now)
+    assert all(torch.allclose(now[n], written[n], atol=1e-6) for n in now)
+    patcher.restore()
+    assert all(torch.equal(t, merged[n]) for n, t in state().items())
 
 
 def test_fused_3d_tensors_are_named_as_not_analysed(tmp_path, caplog):
@@ -270,3 +336,12 @@ def test_target_parameters_lora_refuses_the_adapter_format(fused, fused_lora, tm
                                     "--scale", "0.5", "--no-cache", "--out", str(tmp_path / "out")])
     assert res.exit_code == 2 and "LoRA adapter on fused expert parameters" in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_target_parameters_without_a_fused_tensor_or_mapping_are_refused(moe, llama_base, tmp_path):
+    """The experts adapter on a base that has neither the fused tensor nor a conversion mapping building it."""
+    res = CliRunner().invoke(main, ["patch", str(llama_base), str(moe / "adapter"), "--scale", "0.5", "--no-cache",
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert "target_parameters ['mlp.experts." in res.output and "neither of which holds here" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
