@@ -1,18 +1,24 @@
-"""Regenerate the measured sweep tables of README.md and recipes/README.md, and the JSON they come from.
+"""Regenerate the measured tables and figures of README.md and recipes/README.md, and the JSON they come from.
 
     python recipes/reproduce.py --only demo            # one target (see --list)
     python recipes/reproduce.py                        # every target, one after another
     python recipes/reproduce.py --check                # no runs: the docs' tables against the stored JSON
+    python recipes/reproduce.py --rewrite              # no runs: rewrite the docs' tables from the stored JSON
 
-Each target runs the ``repair`` CLI as a user would, keeps the sweep JSON it wrote as
-``recipes/results/<target>.json``, and rewrites every region of the docs marked
-``<!-- reproduce: <target> -->`` ... ``<!-- /reproduce: <target> -->``: the table starting ``| point |``
-inside it is replaced by the table ``evals.results.markdown_table`` prints from that JSON (the same
-function ``repair sweep`` prints with), and a line starting ``Against the`` by the control verdict.
-``--check`` (and ``tests/test_docs_tables.py``, in CI) asserts that every marked region already says
-exactly that, so no number in the docs can drift from what the code prints. Runs take minutes each
-on a 2-core CPU (``demo`` about 5, the control sweeps about 4, ``b-only`` about 8 with its training run);
-``--check`` takes a second.
+Each target runs the ``repair`` CLI as a user would, keeps the JSON it wrote under ``recipes/results/``,
+and rewrites every region of the docs marked ``<!-- reproduce: <target> -->`` ...
+``<!-- /reproduce: <target> -->``. In a sweep target's region the table starting ``| point |`` is replaced
+by the table ``evals.results.markdown_table`` prints from that JSON (what ``repair sweep`` prints), and a
+line starting ``Against the`` by the control verdict; the other targets' regions are replaced whole by
+what their renderer prints from their JSON. ``--check`` (and ``tests/test_docs_tables.py``, in CI)
+asserts that every marked region already says exactly that, so no number in the docs can drift from
+what the code prints.
+
+Training runs (``repair finetune``) write to ``--runs`` (default: the tool's cache) and are reused when
+their ``recipe.json`` equals the recipe asked for, so a target reruns only its measurements. Times on a
+2-core CPU: ``demo`` about 5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` about 40 (15
+with its runs kept), ``rank-sweep`` about 60 for its 13 LoRA runs plus 10 to measure them, ``continual`` about
+45; ``--check`` takes a second.
 """
 
 from __future__ import annotations
@@ -23,36 +29,86 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+from reproduce_tables import (  # noqa: E402
+    CONTINUAL_RUNS,
+    RANK_SWEEP,
+    RECIPE_RUNS,
+    continual_table,
+    rank_sweep_plots,
+    rank_sweep_table,
+    recipes_table,
+)
+
 RESULTS = ROOT / "recipes" / "results"
 DOCS = (ROOT / "README.md", ROOT / "recipes" / "README.md")
 SWEEP = ["sweep", "smollm2-135m", "repair/demo", "--task", "addition", "--limit", "200"]
+SWEEP_PIECES = {"table": r"(?s)^\| point \|.*?(?=\n(?!\|)|\Z)", "verdict": r"^Against the .*$"}
 
 
 @dataclass(frozen=True)
 class Target:
-    commands: list[list[str]]  # repair CLI arguments, run in order; "{out}" is a fresh output folder
-    result: str  # the sweep JSON, relative to that folder
-    stored: str = ""  # its name under recipes/results/ (default: <target>.json)
+    commands: list[list[str]]  # repair CLI arguments, in order; "{out}": a fresh folder, "{runs}": kept runs
+    results: dict[str, str]  # stored file under recipes/results/ -> the file (or folder) the commands wrote
+    render: Callable[[], dict[str, str]] | None = None  # {"body": region text}; None: a sweep's table and verdict
+    after: Callable[[], None] | None = None  # draws figures from the stored results
+    pieces: dict[str, str] = field(default_factory=lambda: dict(SWEEP_PIECES))
+
+
+def _finetune(recipe: str, out: str, *sets: str) -> list[str]:
+    return ["finetune", recipe, "--out", out, *(a for s in sets for a in ("--set", s))]
+
+
+def _rank_sweep_commands() -> list[list[str]]:
+    runs = [_finetune("recipes/smollm2-addition-lora-sweep.yaml", f"{{runs}}/rank-sweep/{r.name}", *r.sets)
+            for r in RANK_SWEEP if r.sets is not None]
+    runs.append(_finetune("recipes/smollm2-addition-full.yaml", "{runs}/rank-sweep/full"))
+    models = [f"{{runs}}/rank-sweep/{r.name}/{'model' if r.sets is None else 'adapter'}" for r in RANK_SWEEP]
+    labels = ",".join(r.name for r in RANK_SWEEP)
+    return [*runs,
+            ["figures", "smollm2-135m", *models, "--labels", labels, "--forgetting", "base-samples:64",
+             "--out", "{out}/figures"],
+            ["compare", *models, "--base", "smollm2-135m", "--tasks", "addition", "--limit", "200",
+             "--out", "{out}/compare"]]
+
+
+def _stored_sweep(name: str) -> Path:
+    return RESULTS / next(iter(TARGETS[name].results))
 
 
 TARGETS: dict[str, Target] = {
-    "demo": Target([["demo", "--out", "{out}"]], "sweep/sweep.json"),
-    "controls-matched": Target([[*SWEEP, "--control", "matched", "--out", "{out}"]], "sweep.json"),
-    "controls-neighbour": Target([[*SWEEP, "--control", "neighbour", "--out", "{out}"]], "sweep.json"),
-    "per-matrix-1": Target([[*SWEEP, "--control", "matched", "--per-matrix", "1", "--out", "{out}"]], "sweep.json"),
-    "b-only": Target([["finetune", "recipes/smollm2-addition-lora-r1-a16-b-only.yaml", "--out", "{out}/run"],
-                      ["sweep", "smollm2-135m", "{out}/run/adapter", "--task", "addition", "--limit", "200",
+    "demo": Target([["demo", "--out", "{out}"]], {"demo.json": "sweep/sweep.json"}),
+    "controls-matched": Target([[*SWEEP, "--control", "matched", "--out", "{out}"]],
+                               {"controls-matched.json": "sweep.json"}),
+    "controls-neighbour": Target([[*SWEEP, "--control", "neighbour", "--out", "{out}"]],
+                                 {"controls-neighbour.json": "sweep.json"}),
+    "per-matrix-1": Target([[*SWEEP, "--control", "matched", "--per-matrix", "1", "--out", "{out}"]],
+                           {"per-matrix-1.json": "sweep.json"}),
+    "b-only": Target([_finetune("recipes/smollm2-addition-lora-r1-a16-b-only.yaml", "{runs}/b-only"),
+                      ["sweep", "smollm2-135m", "{runs}/b-only/adapter", "--task", "addition", "--limit", "200",
                        "--scales", "0,1", "--control", "none", "--out", "{out}/sweep"]],
-                     "sweep/sweep.json", "lora-r1-a16-b-only-sweep.json"),
+                     {"lora-r1-a16-b-only-sweep.json": "sweep/sweep.json"}),
+    "recipes": Target(
+        [c for r in RECIPE_RUNS for c in r.commands()],
+        {f"{r.stored}.json": f"{r.name}/sweep.json" for r in RECIPE_RUNS},
+        render=lambda: {"body": recipes_table(RESULTS)}, pieces={}),
+    "rank-sweep": Target(
+        _rank_sweep_commands(),
+        {"rank-sweep/figures.json": "figures/figures.json", "rank-sweep/compare.json": "compare/compare.json",
+         **{f"rank-sweep/{f}.png": f"figures/{f}.png"
+            for f in ("intruders_vs_epsilon", "intruders_vs_k", "intruders_vs_forgetting")}},
+        render=lambda: {"body": rank_sweep_table(RESULTS / "rank-sweep")},
+        after=lambda: rank_sweep_plots(RESULTS / "rank-sweep"), pieces={}),
+    "continual": Target(
+        [["continual", f"recipes/{r.recipe}", "--limit", "200", "--out", f"{{out}}/{r.name}"] for r in CONTINUAL_RUNS],
+        {f"continual/{r.name}.json": f"{r.name}/continual.json" for r in CONTINUAL_RUNS},
+        render=lambda: {"body": continual_table(RESULTS / "continual")}, pieces={}),
 }
-
-
-def stored(name: str) -> Path:
-    return RESULTS / (TARGETS[name].stored or f"{name}.json")
 
 
 def region(name: str) -> re.Pattern[str]:
@@ -60,65 +116,99 @@ def region(name: str) -> re.Pattern[str]:
                       re.DOTALL)
 
 
-def rendered(name: str) -> tuple[str, str | None]:
-    """The table and the control verdict (None without a control) printed from ``results/<name>.json``."""
+def rendered(name: str) -> dict[str, str]:
+    """What the region for ``name`` must say, piece by piece, printed from the stored JSON."""
+    target = TARGETS[name]
+    if target.render is not None:
+        return {k: v + "\n" for k, v in target.render().items()}
     from evals.results import SweepReport, control_verdict, markdown_table
 
-    report = SweepReport.model_validate_json(stored(name).read_text())
-    return markdown_table(report), control_verdict(report)
+    report = SweepReport.model_validate_json(_stored_sweep(name).read_text())
+    verdict = control_verdict(report)
+    return {"table": markdown_table(report), **({"verdict": verdict} if verdict is not None else {})}
+
+
+def pieces_of(body: str, name: str) -> dict[str, str]:
+    """The pieces of one region's text (its whole text as ``body`` for non-sweep targets)."""
+    patterns = TARGETS[name].pieces
+    if not patterns:
+        return {"body": body}
+    found = {k: re.search(p, body, re.MULTILINE) for k, p in patterns.items()}
+    return {k: m[0] for k, m in found.items() if m is not None}
 
 
 def rewrite(text: str, name: str) -> str:
-    """``text`` with the table (and verdict line) of every region marked for ``name`` as rendered now."""
-    table, verdict = rendered(name)
+    """``text`` with every region marked for ``name`` as rendered now."""
+    want, patterns = rendered(name), TARGETS[name].pieces
 
     def fill(m: re.Match[str]) -> str:
-        body = re.sub(r"^\| point \|.*?(?=\n(?!\|)|\Z)", lambda _: table, m[2], count=1, flags=re.DOTALL | re.MULTILINE)
-        if verdict is not None:
-            body = re.sub(r"^Against the .*$", lambda _: verdict, body, count=1, flags=re.MULTILINE)
+        if not patterns:
+            return m[1] + want["body"] + m[3]
+        body = m[2]
+        for k, p in patterns.items():
+            if k in want:
+                body = re.sub(p, lambda _, k=k: want[k], body, count=1, flags=re.MULTILINE)
         return m[1] + body + m[3]
 
     return region(name).sub(fill, text)
 
 
-def regions(text: str, name: str) -> list[tuple[str, str | None]]:
-    """(table, verdict line or None) of every region marked for ``name`` in ``text``."""
-    out = []
-    for m in region(name).finditer(text):
-        table = re.search(r"^\| point \|.*?(?=\n(?!\|)|\Z)", m[2], re.DOTALL | re.MULTILINE)
-        verdict = re.search(r"^Against the .*$", m[2], re.MULTILINE)
-        out.append((table[0] if table else "", verdict[0] if verdict else None))
-    return out
-
-
 def check() -> list[str]:
-    """Every marked region whose table or verdict differs from its JSON, as one line each; and targets
-    that no region shows."""
+    """Every marked region that differs from its JSON, one line each; and targets no region shows."""
     problems = []
     for name in TARGETS:
-        table, verdict = rendered(name)
-        found = [(doc, r) for doc in DOCS for r in regions(doc.read_text(), name)]
+        missing = [s for s in TARGETS[name].results if s.endswith(".json") and not (RESULTS / s).is_file()]
+        if missing:
+            problems.append(f"{name}: results/{missing[0]} is missing; run `python recipes/reproduce.py --only {name}`")
+            continue
+        want = rendered(name)
+        found = [(doc, m[2]) for doc in DOCS for m in region(name).finditer(doc.read_text())]
         if not found:
             problems.append(f"{name}: no region of {', '.join(d.name for d in DOCS)} is marked for it")
-        for doc, (t, v) in found:
-            if t != table:
-                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the table differs from results/{stored(name).name}")
-            if verdict is not None and v != verdict:
-                problems.append(f"{doc.relative_to(ROOT)} [{name}]: the verdict differs from results/{stored(name).name}")
+        stored = ", ".join(f"results/{s}" for s in TARGETS[name].results if s.endswith(".json"))
+        for doc, body in found:
+            have = pieces_of(body, name)
+            for piece, text in want.items():
+                if have.get(piece) != text:
+                    what = "table" if piece in ("table", "body") else piece
+                    problems.append(f"{doc.relative_to(ROOT)} [{name}]: the {what} differs from {stored}")
     return problems
 
 
-def run(name: str) -> None:
-    """Run one target, keep its JSON, and rewrite the docs' regions for it."""
+def _reusable(args: list[str]) -> bool:
+    """A ``finetune`` whose --out already holds a finished run of the same recipe (with the same --set)."""
+    if args[0] != "finetune":
+        return False
+    from repair.recipe import Recipe, load_recipe
+
+    out = Path(args[args.index("--out") + 1])
+    sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    done = out / "recipe.json"
+    return done.is_file() and Recipe.model_validate_json(done.read_text()) == load_recipe(ROOT / args[1], sets)
+
+
+def run(name: str, runs: Path) -> None:
+    """Run one target, keep its results, and rewrite the docs' regions for it."""
     target = TARGETS[name]
     with tempfile.TemporaryDirectory(prefix=f"reproduce-{name}-") as tmp:
         out = Path(tmp) / "out"
         for args in target.commands:
-            cmd = [sys.executable, "-m", "repair.cli", *(a.replace("{out}", str(out)) for a in args)]
-            print("$ repair", " ".join(cmd[3:]), flush=True)
-            subprocess.run(cmd, cwd=ROOT, check=True)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / target.result, stored(name))
+            args = [a.replace("{out}", str(out)).replace("{runs}", str(runs)) for a in args]
+            if _reusable(args):
+                print(f"$ repair {' '.join(args)}  # reused: the run is already there", flush=True)
+                continue
+            print(f"$ repair {' '.join(args)}", flush=True)
+            overwrite = ["--overwrite"] if args[0] == "finetune" and Path(args[args.index("--out") + 1]).exists() else []
+            subprocess.run([sys.executable, "-m", "repair.cli", *args, *overwrite], cwd=ROOT, check=True)
+        for stored, made in target.results.items():
+            (RESULTS / stored).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / made, RESULTS / stored)
+    if target.after is not None:
+        target.after()
+    write_docs(name)
+
+
+def write_docs(name: str) -> None:
     for doc in DOCS:
         text = doc.read_text()
         if (new := rewrite(text, name)) != text:
@@ -127,18 +217,26 @@ def run(name: str) -> None:
 
 
 def main() -> None:
+    from repair.sources import cache_dir
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=sorted(TARGETS), help="run only this target (repeatable)")
     ap.add_argument("--check", action="store_true", help="run nothing; compare the docs with the stored JSON")
+    ap.add_argument("--rewrite", action="store_true", help="run nothing; rewrite the docs from the stored JSON")
     ap.add_argument("--list", action="store_true", help="print the targets and their commands")
+    ap.add_argument("--runs", type=Path, default=cache_dir() / "reproduce", help="where training runs are kept")
     args = ap.parse_args()
     if args.list:
         for name, t in TARGETS.items():
-            print(f"{name:20} " + "; ".join("repair " + " ".join(args) for args in t.commands))
+            print(f"{name:20} " + "; ".join("repair " + " ".join(a) for a in t.commands))
         return
-    if not args.check:
-        for name in args.only or TARGETS:
-            run(name)
+    for name in args.only or TARGETS:
+        if args.rewrite:
+            if TARGETS[name].after is not None:
+                TARGETS[name].after()
+            write_docs(name)
+        elif not args.check:
+            run(name, args.runs)
     problems = check()
     for p in problems:
         print(p)

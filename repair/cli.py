@@ -322,6 +322,36 @@ def finetune(recipe, out, overwrite, overrides):
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--limit", type=int, default=None, help="Evaluate at most N examples per task.")
+@click.option("--forgetting", default="base-samples:64", show_default=True,
+              help="Forgetting corpus (see `repair sweep`): base-samples:N, a text file, or a dataset.")
+@click.option("--batch-size", default="8", show_default=True, callback=_batch_size,
+              help="Documents per forward pass and lm-eval's batch size (an integer, or auto).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe field before validation, e.g. --set repair.scale=0 (repeatable).")
+@_eval_options
+@_detect_options
+@_handle_errors
+def continual(recipe, out, limit, forgetting, batch_size, overwrite, overrides, eval_settings, detect_opts):
+    """Continual learning as RECIPE.yaml's stages say: train each stage on the model so far (LoRA: a fresh
+    adapter, merged), optionally repair, and measure intruders against the base, accuracy on every task seen
+    and forgetting after each stage (continual.json, continual.md, DIR/stage-N/)."""
+    from evals.continual import markdown_table, run_continual
+
+    from .recipe import load_recipe
+
+    if limit is not None and limit < 1:
+        raise click.BadParameter(f"expected a positive integer, got {limit}.", param_hint="--limit")
+    loaded = load_recipe(recipe, overrides)
+    report = run_continual(loaded, out, limit=limit, forgetting_spec=forgetting, batch_size=batch_size,
+                           opts=detect_opts, overwrite=overwrite, settings=eval_settings)
+    click.echo(markdown_table([(loaded.name, report)]))
+
+
+@main.command()
 @click.argument("base")
 @click.argument("tuned", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")

@@ -56,6 +56,9 @@ class AdapterCurves(BaseModel):
     by_epsilon: list[int] = Field(description="intruders among the top `top_k` at each of `epsilons`")
     by_k: list[int] = Field(description="intruders at `epsilon` among the top k, for k = 1, 2, ...")
     intruders: int = Field(description="intruders at (`epsilon`, `top_k`), as `repair detect` counts them")
+    effective_rank: float | None = Field(None, description="effective rank of ΔW, the mean over the matrices (Fig. 6)")
+    effective_rank_by_type: dict[str, float] = Field(default_factory=dict,
+                                                     description="that mean per module type")
     forgetting_nll: float | None = None
     forgetting_stderr: float | None = None
 
@@ -129,8 +132,13 @@ def curves(stats: list[MatrixStats], label: str, tuned: str, k: int, epsilon: fl
     k_max = max(k, max((m.max_cos.shape[0] for m in stats), default=k))
     by_eps = [sum(int((m.max_cos[:k] < e).sum()) for m in stats) for e in EPSILONS]
     by_k = [sum(int((m.max_cos[:kk] < epsilon).sum()) for m in stats) for kk in range(1, k_max + 1)]
+    by_type: dict[str, list[float]] = {}
+    for m in stats:
+        by_type.setdefault(module_type(m.name), []).append(m.erank)
     return AdapterCurves(label=label, tuned=tuned, top_k=k, epsilon=epsilon, epsilons=EPSILONS, by_epsilon=by_eps,
-                         by_k=by_k, intruders=by_k[k - 1])
+                         by_k=by_k, intruders=by_k[k - 1],
+                         effective_rank=sum(m.erank for m in stats) / len(stats) if stats else None,
+                         effective_rank_by_type={t: sum(v) / len(v) for t, v in sorted(by_type.items())})
 
 
 def plot_counts(adapters: list[AdapterCurves], out: Path) -> list[Path]:

@@ -28,7 +28,7 @@ class LoraRecipe(_Strict):
 
 
 class GeneratedData(_Strict):
-    task: Literal["addition"]
+    task: Literal["addition", "difference", "joining"] = Field(description="a Zorblax task of evals/taskgen.py")
     n: int = Field(gt=0)
     seed: int = 0
 
@@ -42,6 +42,27 @@ class DataRecipe(_Strict):
         if (self.generated is None) == (self.jsonl is None):
             raise ValueError("give exactly one of 'generated' or 'jsonl'")
         return self
+
+
+class StageRecipe(DataRecipe):
+    """One stage of a continual-learning recipe: its data, and the lm-eval task that measures it."""
+
+    eval_task: str | None = Field(None, description="default: the generated task's name")
+
+    @property
+    def task(self) -> str:
+        if self.eval_task is not None:
+            return self.eval_task
+        if self.generated is None:
+            raise ValueError("a stage with jsonl data needs an 'eval_task'")
+        return self.generated.task
+
+
+class StageRepair(_Strict):
+    """Continual learning: rescale the intruders (against the original base) after every stage."""
+
+    scale: float = Field(ge=0, le=1, description="λ: 0 removes the intruders, 1 leaves them")
+    per_matrix: int | None = Field(None, ge=1, description="only the N top-ranked intruders of each matrix")
 
 
 class TrainRecipe(_Strict):
@@ -64,7 +85,11 @@ class Recipe(_Strict):
     method: Literal["lora", "full"]
     seed: int = 0
     lora: LoraRecipe | None = None
-    data: DataRecipe
+    data: DataRecipe | None = None
+    stages: list[StageRecipe] | None = Field(
+        None, min_length=1, description="continual learning: trained one after another, each for train.steps (LoRA: "
+                                        "merged and re-initialised after each); `repair continual` runs them")
+    repair: StageRepair | None = Field(None, description="with stages: rescale intruders after each stage")
     train: TrainRecipe
     eval_task: str | None = Field("addition", description="lm-eval task for recipes/README.md measurements")
 
@@ -74,6 +99,12 @@ class Recipe(_Strict):
             raise ValueError("method 'lora' needs a 'lora' section, and only it")
         if any(s > self.train.steps for s in self.train.save_steps):
             raise ValueError("train.save_steps must not exceed train.steps")
+        if (self.data is None) == (self.stages is None):
+            raise ValueError("give exactly one of 'data' (one fine-tune) or 'stages' (continual learning)")
+        if self.repair is not None and self.stages is None:
+            raise ValueError("'repair' applies between stages: it needs 'stages'")
+        for stage in self.stages or []:
+            stage.task  # noqa: B018 -- raises for a jsonl stage without eval_task
         return self
 
 
@@ -117,6 +148,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "recipe"
         raise RepairError(f"{path}: {where}: {err['msg']}.") from e
-    if recipe.data.jsonl is not None and not recipe.data.jsonl.is_absolute():
-        recipe.data.jsonl = (path.parent / recipe.data.jsonl).resolve()
+    for data in [recipe.data, *(recipe.stages or [])]:
+        if data is not None and data.jsonl is not None and not data.jsonl.is_absolute():
+            data.jsonl = (path.parent / data.jsonl).resolve()
     return recipe

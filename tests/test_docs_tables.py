@@ -30,7 +30,8 @@ def test_every_marked_table_equals_its_json():
 
 def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch):
     r = reproduce()
-    table, verdict = r.rendered("controls-matched")
+    want = r.rendered("controls-matched")
+    table, verdict = want["table"], want["verdict"]
     lines = table.splitlines()
     tampered = "\n".join([*lines[:2], lines[2].replace("|", "| 0.0001", 1), *lines[3:]])  # one cell edited
     doc = tmp_path / "doc.md"
@@ -43,6 +44,48 @@ def test_a_table_edited_by_hand_is_caught_and_rewritten(tmp_path, monkeypatch):
     doc.write_text(r.rewrite(doc.read_text(), "controls-matched"))
     assert [p for p in r.check() if "controls-matched" in p and "differs" in p] == []
     assert doc.read_text().startswith("intro\n\n<!-- reproduce") and doc.read_text().endswith("after\n")
+
+
+def test_a_whole_region_target_is_caught_and_rewritten(tmp_path, monkeypatch):
+    r = reproduce()
+    body = r.rendered("recipes")["body"]
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"<!-- reproduce: recipes -->\n{body.replace('| 47 |', '| 46 |')}<!-- /reproduce: recipes -->\n")
+    monkeypatch.setattr(r, "DOCS", (doc,))
+    monkeypatch.setattr(r, "ROOT", tmp_path)
+    assert [p for p in r.check() if p.startswith("doc.md [recipes]")] == [
+        "doc.md [recipes]: the table differs from results/lora-r1-sweep.json, results/lora-r1-a16-sweep.json, "
+        "results/full-sweep.json"]
+    doc.write_text(r.rewrite(doc.read_text(), "recipes"))
+    assert doc.read_text() == f"<!-- reproduce: recipes -->\n{body}<!-- /reproduce: recipes -->\n"
+
+
+def test_a_finished_training_run_is_reused_only_for_the_same_recipe(tmp_path):
+    from repair.recipe import load_recipe
+
+    r = reproduce()
+    recipe = "recipes/smollm2-addition-lora-sweep.yaml"
+    sets = ["name=lora-r4-a16", "lora.r=4", "lora.alpha=16"]
+    out = tmp_path / "run"
+    args = ["finetune", recipe, "--out", str(out), *(a for s in sets for a in ("--set", s))]
+    assert not r._reusable(args)  # nothing there yet
+    out.mkdir()
+    (out / "recipe.json").write_text(load_recipe(ROOT / recipe, sets).model_dump_json())
+    assert r._reusable(args)
+    assert not r._reusable([*args, "--set", "lora.r=8"])  # another rank: retrained
+    assert not r._reusable(["sweep", "smollm2-135m", str(out)])
+
+
+def test_the_rank_sweep_trains_what_its_labels_say():
+    from repair.recipe import load_recipe
+
+    r = reproduce()
+    runs = [c for c in r.TARGETS["rank-sweep"].commands if c[0] == "finetune" and "--set" in c]
+    assert len(runs) == 13
+    for cmd, run in zip(runs, r.RANK_SWEEP, strict=False):
+        recipe = load_recipe(ROOT / cmd[1], [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"])
+        scaling = recipe.lora.lora_alpha / (recipe.lora.r ** 0.5 if recipe.lora.rslora else recipe.lora.r)
+        assert recipe.name == run.name and f"r={recipe.lora.r}," in run.label and f"(scaling {scaling:g})" in run.label
 
 
 def test_the_demo_json_is_the_demo_adapters_sweep():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -192,17 +193,33 @@ def test_compare_table(llama_base, llama_adapter, mc_task, corpus_file, tmp_path
     assert report["rows"][0]["forgetting_nll"] != report["rows"][1]["forgetting_nll"]
 
 
-def test_shipped_addition_task_is_the_generator_output(tmp_path):
+@pytest.mark.parametrize("task", ["addition", "difference", "joining"])
+def test_shipped_zorblax_tasks_are_the_generator_output(task, tmp_path):
     from importlib import resources
 
-    from evals.taskgen import addition_examples, materialize_task, write_jsonl
+    from evals.taskgen import GENERATORS, materialize_task, write_jsonl
 
-    write_jsonl(addition_examples("test", 500), tmp_path / "regen.jsonl")
-    shipped = resources.files("evals.tasks") / "addition_test.jsonl"
+    write_jsonl(GENERATORS[task]("test", 500), tmp_path / "regen.jsonl")
+    shipped = resources.files("evals.tasks") / f"{task}_test.jsonl"
     assert (tmp_path / "regen.jsonl").read_text() == shipped.read_text()
-    train = {r["prompt"] for r in addition_examples("train", 7000)}
-    assert not train & {r["prompt"] for r in addition_examples("test", 1000)}  # disjoint splits
-    assert str(Path(str(shipped)).resolve()) in materialize_task("addition").read_text()
+    train = {r["prompt"] for r in GENERATORS[task]("train", 7000)}
+    assert not train & {r["prompt"] for r in GENERATORS[task]("test", 1000)}  # disjoint splits
+    assert str(Path(str(shipped)).resolve()) in materialize_task(task).read_text()
+    answer = {"addition": lambda a, b: a + b, "difference": lambda a, b: abs(a - b),
+              "joining": lambda a, b: int(f"{b}{a}")}[task]  # the arithmetic, written independently
+    for r in (json.loads(line) for line in shipped.read_text().splitlines()):
+        a, b = (int(w) for w in re.findall(r"\d+", r["prompt"]))
+        assert r["completion"] == f" {answer(a, b)}" == r["choices"][r["answer"]]
+        assert len(set(r["choices"])) == 4
+
+
+def test_zorblax_tasks_share_operands_and_differ_in_the_operator_word():
+    from evals.taskgen import GENERATORS
+
+    rows = {t: GENERATORS[t]("train", 50) for t in ("addition", "difference", "joining")}
+    strip = {t: [re.sub(r" z[a-z]p ", " OP ", r["prompt"]) for r in rs] for t, rs in rows.items()}
+    assert strip["addition"] == strip["difference"] == strip["joining"]
+    assert len({rs[0]["prompt"] for rs in rows.values()}) == 3
 
 
 def test_python_api_sweep_and_compare_equal_the_commands(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):

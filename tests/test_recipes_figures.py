@@ -231,6 +231,7 @@ def test_figures_across_fine_tunes_with_forgetting(llama_base, corpus_file, tmp_
     assert res.exit_code == 0, res.output
     report = json.loads((out / "figures.json").read_text())
     assert [a["label"] for a in report["adapters"]] == ["a0", "a1", "a2", "a3"]
+    W0 = tiny_llama().state_dict()
     docs = load_corpus(str(corpus_file))
     for a, path in zip(report["adapters"], adapters, strict=True):
         for eps, count in zip(a["epsilons"], a["by_epsilon"], strict=True):
@@ -240,6 +241,16 @@ def test_figures_across_fine_tunes_with_forgetting(llama_base, corpus_file, tmp_
         assert a["intruders"] == a["by_k"][9]
         merged = PeftModel.from_pretrained(tiny_llama(), str(path)).merge_and_unload().eval()
         assert a["forgetting_nll"] == pytest.approx(direct_nll(merged, char_tokenizer(), docs), rel=1e-5)
+        eranks = {}  # Roy & Vetterli in float64: exp of the entropy of σ/Σσ of ΔW = W_merged - W0
+        for name, w in merged.state_dict().items():
+            kind = name.split(".")[-2]
+            if kind in ("q_proj", "v_proj", "down_proj"):
+                s = torch.linalg.svdvals(w.double() - W0[name].double())
+                p = s / s.sum()
+                eranks.setdefault(kind, []).append(float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())))
+        every = [e for v in eranks.values() for e in v]
+        assert a["effective_rank"] == pytest.approx(sum(every) / len(every), rel=1e-4)
+        assert a["effective_rank_by_type"] == pytest.approx({k: sum(v) / len(v) for k, v in eranks.items()}, rel=1e-4)
         assert a["forgetting_stderr"] > 0
         assert (out / a["label"] / "similarity.png").stat().st_size > 5000
     counts = [a["intruders"] for a in report["adapters"]]

@@ -1,0 +1,186 @@
+"""Continual learning (the paper's Fig. 8), with optional repair between stages: ``repair continual``.
+
+A recipe's ``stages`` are trained one after another from one model. LoRA stages train a fresh adapter on
+the model as it stands and merge it in (re-initialised each stage, as in the paper); full fine-tuning
+simply continues. After every stage the model is written to ``DIR/stage-N/`` and measured as a user
+would measure a release: intruders against the *original* base (``repair detect``), lm-eval accuracy on
+every task seen so far, and forgetting NLL on the base's own samples. With ``repair: {scale: λ}`` the
+stage's intruders (against the original base) are rescaled by ``repair patch`` before the next stage
+starts from the patched weights, so the table shows whether repairing each release stops them piling up.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from repair import __version__
+from repair.detector import DetectOptions
+from repair.durable import atomic_output_dir, write_text_atomic
+from repair.recipe import Recipe
+from repair.report import SCHEMA_VERSION
+
+from .accuracy import EvalSettings, TaskColumn, check_columns, evaluate_columns, make_lm
+from .comparison import forgetting_corpus
+from .forgetting import forgetting
+from .models import Placement, check_batch_size, forgetting_batch
+from .results import Score
+from .stats import nll
+
+logger = logging.getLogger(__name__)
+
+
+class StageResult(BaseModel):
+    """The model after one stage (stage 0: the base, before any training)."""
+
+    stage: int
+    task: str | None = Field(description="the task trained in this stage (None for the base)")
+    intruders_found: int | None = Field(None, description="intruders against the original base after training")
+    intruders: int | None = Field(None, description="intruders in the model carried forward (after repair, if any)")
+    by_module_type: dict[str, int] = Field(default_factory=dict, description="`intruders`, per module type")
+    accuracy: dict[str, Score] = Field(description="every task seen so far (the base: every task of the recipe)")
+    forgetting_nll: float
+    forgetting_stderr: float | None
+    train_loss: float | None = None
+    seconds: float = 0.0
+
+
+class ContinualReport(BaseModel):
+    schema_version: str = SCHEMA_VERSION
+    tool_version: str = __version__
+    recipe: dict
+    forgetting: str
+    limit: int | None
+    top_k: int
+    epsilon: float
+    stages: list[StageResult] = Field(default_factory=list)
+
+    def write(self, out: Path) -> None:
+        write_text_atomic(out / "continual.json", self.model_dump_json(indent=2) + "\n")
+        write_text_atomic(out / "continual.md", markdown_table([(self.recipe["name"], self)]) + "\n")
+
+
+def _cell(s: Score | None) -> str:
+    if s is None:
+        return "–"
+    return f"{100 * s.value:.1f}%" + (f" ± {100 * s.stderr:.1f}" if s.stderr else "")
+
+
+def _intruders(r: StageResult) -> str:
+    if r.intruders is None:
+        return "–"
+    return str(r.intruders) if r.intruders_found == r.intruders else f"{r.intruders_found} → {r.intruders}"
+
+
+def markdown_table(reports: list[tuple[str, ContinualReport]]) -> str:
+    """One row per (run, stage): intruders against the original base, accuracy on each task, forgetting."""
+    tasks = list(dict.fromkeys(t for _, rep in reports for r in rep.stages for t in r.accuracy))
+    lines = ["| run | after stage | intruders | " + " | ".join(tasks) + " | forgetting NLL |",
+             "|---|---|---|" + "---|" * len(tasks) + "---|"]
+    for label, rep in reports:
+        for r in rep.stages:
+            after = "base" if r.task is None else f"{r.stage}: {r.task}"
+            nll_cell = f"{r.forgetting_nll:.3f}" + (f" ± {r.forgetting_stderr:.3f}" if r.forgetting_stderr else "")
+            lines.append(f"| {label} | {after} | {_intruders(r)} | "
+                         + " | ".join(_cell(r.accuracy.get(t)) for t in tasks) + f" | {nll_cell} |")
+    return "\n".join(lines)
+
+
+class _Measure:
+    """Accuracy on the tasks seen so far and forgetting on the base's samples, for the model as it is."""
+
+    def __init__(self, docs: list[str], limit: int | None, batch_size: int | str, settings: EvalSettings):
+        self.docs, self.limit, self.batch_size, self.settings = docs, limit, batch_size, settings
+
+    def __call__(self, model, tok, tasks: list[str]) -> tuple[dict[str, Score], float, float | None]:
+        model.eval()
+        columns = [TaskColumn(t, self.settings) for t in tasks]
+        scores = evaluate_columns(make_lm(model, tok, self.batch_size), columns, self.limit)
+        f = forgetting(model, tok, self.docs, forgetting_batch(self.batch_size))
+        mean, stderr = nll(f.doc_nll, f.doc_tokens)
+        return {k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()}, mean, stderr
+
+
+def _train_stage(model, tok, recipe: Recipe, rows: list[dict], scratch: Path):
+    """One stage: LoRA trains a fresh adapter and merges it in; full fine-tuning trains the model itself."""
+    from repair.finetune import lora_model, make_trainer
+
+    if recipe.method == "lora":
+        model = lora_model(model, recipe)
+    trainer = make_trainer(model, tok, rows, recipe, scratch)
+    trainer.train()
+    loss = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
+    if recipe.method == "lora":
+        model = model.merge_and_unload()
+    return model, loss
+
+
+def _detect_and_repair(base: Path, folder: Path, recipe: Recipe, opts: DetectOptions):
+    """``(intruders found, intruders kept, by module type, folder of the model carried forward)``."""
+    from repair.detector import detect
+    from repair.patcher import PatchOptions, patch
+
+    found = detect(str(base), str(folder), opts)
+    if recipe.repair is None:
+        return found.total_intruders, found, folder
+    patched = folder.with_name(folder.name + "-repaired")
+    patch(str(base), str(folder), PatchOptions(out=patched, scale=recipe.repair.scale, detect=opts,
+                                               per_matrix=recipe.repair.per_matrix))
+    return found.total_intruders, detect(str(base), str(patched), opts), patched
+
+
+def run_continual(recipe: Recipe, out: Path, *, limit: int | None = None, forgetting_spec: str = "base-samples:64",
+                  batch_size: int | str = 8, opts: DetectOptions | None = None, overwrite: bool = False,
+                  settings: EvalSettings | None = None) -> ContinualReport:
+    """Train the recipe's stages one after another and measure the model after each; writes ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from repair.errors import RepairError
+    from repair.finetune import load_for_training, training_rows
+    from repair.sources import resolve
+    from repair.writer import check_output_dir
+
+    if recipe.stages is None:
+        raise RepairError(f"recipe {recipe.name}: it lists no stages; `repair finetune` trains a single fine-tune.")
+    opts, settings = opts or DetectOptions(), settings or EvalSettings()
+    opts.validate()
+    settings.validate()
+    check_batch_size(batch_size)
+    tasks = [s.task for s in recipe.stages]
+    check_columns([TaskColumn(t, settings) for t in dict.fromkeys(tasks)], "stages[].eval_task")
+    base = resolve(recipe.base)
+    check_output_dir(out, [base.path], overwrite)
+    measure = _Measure(forgetting_corpus(forgetting_spec, recipe.base, Placement("cpu"), chat=False),
+                       limit, batch_size, settings)
+    report = ContinualReport(recipe=recipe.model_dump(mode="json"), forgetting=forgetting_spec, limit=limit,
+                             top_k=opts.top_k, epsilon=opts.epsilon)
+    with atomic_output_dir(out, overwrite) as tmp:
+        _, tok, model = load_for_training(recipe)
+        acc, f, se = measure(model, tok, list(dict.fromkeys(tasks)))
+        report.stages.append(StageResult(stage=0, task=None, accuracy=acc, forgetting_nll=f, forgetting_stderr=se))
+        for i, stage in enumerate(recipe.stages, 1):
+            t0 = time.perf_counter()
+            model, loss = _train_stage(model, tok, recipe, training_rows(stage), tmp / "trainer")
+            folder = tmp / f"stage-{i}"
+            model.save_pretrained(str(folder))
+            tok.save_pretrained(str(folder))
+            found, kept, carried = _detect_and_repair(base.path, folder, recipe, opts)
+            if carried != folder:  # the next stage starts from the repaired weights
+                del model
+                gc.collect()
+                model = AutoModelForCausalLM.from_pretrained(str(carried), dtype=torch.float32)
+            acc, f, se = measure(model, tok, list(dict.fromkeys(tasks[:i])))
+            report.stages.append(StageResult(
+                stage=i, task=stage.task, intruders_found=found, intruders=kept.total_intruders,
+                by_module_type={k: v.intruders for k, v in sorted(kept.by_module_type.items())}, accuracy=acc,
+                forgetting_nll=f, forgetting_stderr=se, train_loss=loss, seconds=round(time.perf_counter() - t0, 1)))
+            logger.info("stage %d (%s): %d intruders, %s", i, stage.task, kept.total_intruders,
+                        json.dumps({k: round(v.value, 4) for k, v in acc.items()}))
+        report.write(tmp)
+    return report

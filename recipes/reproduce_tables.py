@@ -1,0 +1,169 @@
+"""The runs behind recipes/reproduce.py's non-sweep targets, and the tables and figures printed from their JSON.
+
+Each renderer reads only what the target stored under ``recipes/results/`` and prints the markdown that
+stands in the docs, so ``reproduce.py --check`` can hold the docs equal to the JSON without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RankRun:
+    """One fine-tune of the rank sweep: ``sets`` are the ``--set`` overrides of the sweep recipe (None: full)."""
+
+    name: str
+    label: str
+    sets: tuple[str, ...] | None
+
+
+def _lora(r: int, alpha: str, rslora: bool = False) -> RankRun:
+    name = f"lora-r{r}-a{alpha}" + ("-rslora" if rslora else "")
+    sets = [f"name={name}", f"lora.r={r}"]
+    if alpha != "2r":
+        sets += [f"lora.alpha={alpha}", "train.learning_rate=3e-3"]
+    if rslora:
+        sets.append("lora.rslora=true")
+    scaling = (2 * r if alpha == "2r" else int(alpha)) / (r ** 0.5 if rslora else r)
+    what = "rsLoRA" if rslora else "LoRA"
+    return RankRun(name, f"{what} r={r}, α={alpha} (scaling {scaling:g})", tuple(sets))
+
+
+RANKS = (1, 2, 4, 8, 16, 64)
+RANK_SWEEP = ([_lora(r, "2r") for r in RANKS] + [_lora(r, "16") for r in RANKS] + [_lora(16, "2r", rslora=True)]
+              + [RankRun("full", "full fine-tuning (300 steps)", None)])
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """A recipe of recipes/README.md's first table: trained (or the bundled demo adapter) and swept."""
+
+    name: str
+    label: str
+    recipe: str | None  # None: the bundled demo adapter, the output of the α=16 recipe
+    stored: str
+    scales: str = "0,0.25,0.5,0.75,1"
+
+    def commands(self) -> list[list[str]]:
+        tuned = "repair/demo"
+        train = []
+        if self.recipe is not None:
+            folder = f"{{runs}}/recipes/{self.name}"
+            train = [["finetune", f"recipes/{self.recipe}", "--out", folder]]
+            tuned = f"{folder}/{'model' if 'full' in self.recipe else 'adapter'}"
+        sweep = ["sweep", "smollm2-135m", tuned, "--task", "addition", "--limit", "200", "--scales", self.scales,
+                 "--control", "none", "--out", f"{{out}}/{self.name}"]
+        return [*train, sweep]
+
+
+RECIPE_RUNS = [
+    RecipeRun("lora-r1", "LoRA r=1, α=2r", "smollm2-addition-lora-r1.yaml", "lora-r1-sweep"),
+    RecipeRun("lora-r1-a16", "**LoRA r=1, α=16** (the demo adapter)", None, "lora-r1-a16-sweep"),
+    RecipeRun("full", "full fine-tuning", "smollm2-addition-full.yaml", "full-sweep", scales="0,1"),
+]
+
+
+@dataclass(frozen=True)
+class ContinualRun:
+    name: str
+    label: str
+    recipe: str
+
+
+CONTINUAL_RUNS = [
+    ContinualRun("lora", "LoRA", "smollm2-continual-lora.yaml"),
+    ContinualRun("lora-repair", "LoRA + repair (λ=0)", "smollm2-continual-lora-repair.yaml"),
+    ContinualRun("full", "full", "smollm2-continual-full.yaml"),
+]
+
+
+def _acc(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr else "")
+
+
+def _nll(value: float, stderr: float | None) -> str:
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "")
+
+
+def recipes_table(results: Path) -> str:
+    """Base and each recipe's fine-tune: intruders, accuracy, forgetting and its rise over the base."""
+    from evals.results import SweepReport
+
+    reports = [(r, SweepReport.model_validate_json((results / f"{r.stored}.json").read_text())) for r in RECIPE_RUNS]
+    base = reports[0][1].base
+    lines = ["| model | intruders | accuracy | forgetting NLL | Δ vs base |", "| --- | --- | --- | --- | --- |",
+             f"| base | – | {_acc(base.accuracy, base.accuracy_stderr)} | "
+             f"{_nll(base.forgetting_nll, base.forgetting_stderr)} | – |"]
+    for run, rep in reports:
+        t = rep.tuned
+        lines.append(f"| {run.label} | {t.intruders} | {_acc(t.accuracy, t.accuracy_stderr)} | "
+                     f"{_nll(t.forgetting_nll, t.forgetting_stderr)} | {t.forgetting_nll - base.forgetting_nll:+.3f} |")
+    return "\n".join(lines)
+
+
+def _rank_reports(folder: Path):
+    from evals.comparison import CompareReport
+    from repair.figures import FiguresReport
+
+    figures = FiguresReport.model_validate_json((folder / "figures.json").read_text())
+    compare = CompareReport.model_validate_json((folder / "compare.json").read_text())
+    return figures, compare
+
+
+def rank_sweep_table(folder: Path) -> str:
+    """One row per fine-tune of the rank sweep, then Spearman's ρ of intruders against forgetting."""
+    from evals.across import spearman
+
+    figures, compare = _rank_reports(folder)
+    lines = ["| fine-tune | accuracy | intruders (k=10, ε=0.5) | at ε = 0.8 / 0.9 | forgetting NLL | "
+             "effective rank of ΔW (mean) |", "| --- | --- | --- | --- | --- | --- |"]
+    for run, a, row in zip(RANK_SWEEP, figures.adapters, compare.rows, strict=True):
+        s = row.scores["addition"]
+        at = dict(zip(a.epsilons, a.by_epsilon, strict=True))
+        lines.append(f"| {run.label} | {_acc(s.value, s.stderr)} | {a.intruders} | {at[0.8]} / {at[0.9]} | "
+                     f"{_nll(a.forgetting_nll, a.forgetting_stderr)} | {a.effective_rank:.1f} |")
+    rho = figures.spearman
+    lora = figures.model_copy(update={"adapters": [a for a in figures.adapters if a.label != "full"]})
+    rho_lora = spearman(lora)
+    lines += ["", f"Spearman's ρ of intruders against forgetting NLL: {rho.rho:.3f} (p = {rho.p_value:.2g}, "
+                  f"n = {rho.n}) over all {rho.n} fine-tunes; {rho_lora.rho:.3f} (p = {rho_lora.p_value:.2g}, "
+                  f"n = {rho_lora.n}) over the LoRA ones."]
+    return "\n".join(lines)
+
+
+def rank_sweep_plots(folder: Path) -> None:
+    """Fig. 9 (forgetting against rank, one line per α rule, full fine-tuning as a line) and Fig. 6 (effective
+    rank of ΔW against rank), from the stored figures.json."""
+    from repair.figures import pyplot, save_figure
+
+    figures, _ = _rank_reports(folder)
+    by_name = dict(zip((r.name for r in RANK_SWEEP), figures.adapters, strict=True))
+    full = by_name["full"]
+    plt = pyplot()
+    for what, path, ylabel in (("forgetting_nll", "forgetting_vs_rank.png", "forgetting NLL (base samples)"),
+                               ("effective_rank", "effective_rank_vs_rank.png", "effective rank of ΔW (mean)")):
+        fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+        for alpha, style in (("2r", "o-"), ("16", "s--")):
+            pts = [(r, getattr(by_name[f"lora-r{r}-a{alpha}"], what)) for r in RANKS]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, ms=4, label=f"LoRA, α={alpha}")
+        ax.axhline(getattr(full, what), color="k", lw=1, ls=":", label="full fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save_figure(fig, folder / path)
+
+
+def continual_table(folder: Path) -> str:
+    """The three continual-learning runs, one row per stage (evals.continual.markdown_table)."""
+    from evals.continual import ContinualReport, markdown_table
+
+    reports = [(r.label, ContinualReport.model_validate(json.loads((folder / f"{r.name}.json").read_text())))
+               for r in CONTINUAL_RUNS]
+    return markdown_table(reports)
