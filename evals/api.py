@@ -1,4 +1,5 @@
-"""The public Python API of the harness: ``repair sweep`` and ``repair compare`` as functions, with their defaults."""
+"""The public Python API of the harness: ``repair sweep``, ``repair compare`` and ``repair continual`` as functions,
+with their defaults."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from evals.accuracy import EvalSettings
 from evals.comparison import CompareReport
+from evals.continual import ContinualReport
 from evals.results import SweepReport
 from repair.api import detect_options
 
@@ -47,6 +49,21 @@ def compare(models: list[str], tasks: Sequence[str], *, limit: int | None = None
     settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
     return run_compare([str(m) for m in models], list(_tasks(tasks)), limit, base, forgetting,
                        Path(out) if out is not None else None, batch_size, placement, settings)
+
+
+def continual_learning(recipe: str | Path, out: str | Path, *, limit: int | None = None,
+                       forgetting: str = "base-samples:64", batch_size: int | str = 8, overwrite: bool = False,
+                       overrides: Sequence[str] = (), num_fewshot: int | None = None, apply_chat_template: bool = False,
+                       fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, seed: int | None = None,
+                       log_samples: bool = False, **options) -> ContinualReport:
+    """A recipe's stages trained one after another, measured after each: ``repair continual`` (``overrides``:
+    its ``--set KEY=VALUE``; options: ``DetectOptions``)."""
+    from evals.continual import run_continual
+    from repair.recipe import load_recipe
+
+    settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
+    return run_continual(load_recipe(recipe, tuple(overrides)), Path(out), limit=limit, forgetting_spec=forgetting,
+                         batch_size=batch_size, opts=detect_options(options), overwrite=overwrite, settings=settings)
 
 
 def _tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:

@@ -38,6 +38,9 @@ _LORA_KEY = re.compile(
 )
 
 
+_TOKENS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.token_adapter\.trainable_tokens_delta$")
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One adapted module: where its tensors live and how they combine."""
@@ -124,9 +127,12 @@ class LoraAdapter:
     def _parse_keys(self) -> dict[str, dict[str, str]]:
         parts: dict[str, dict[str, str]] = {}
         self.replaced: dict[str, str] = {}  # modules_to_save: model tensor name -> adapter key
+        self.token_rows: dict[str, str] = {}  # trainable tokens: embedding tensor name -> adapter key of its rows
         for name in self.reader.names():
             m = _LORA_KEY.match(name)
-            if m is None:
+            if (t := _TOKENS_KEY.match(name)) is not None:
+                self.token_rows[t["module"] + ".weight"] = name
+            elif m is None:
                 self.replaced[name.removeprefix("base_model.model.")] = name
             elif name.endswith(".bias"):  # lora_bias=True: merged into the base bias (``merged_bias``)
                 parts.setdefault(m["module"], {})[f"{m['part']}.bias"] = name
@@ -205,6 +211,34 @@ class LoraAdapter:
         if lora_bias.dtype in (torch.float16, torch.bfloat16):
             lora_bias = lora_bias.float()  # peft loads half-precision adapter weights as float32 (autocast_adapter_dtype)
         return (stored + lora_bias * lm.scaling).to(stored.dtype)
+
+    def replacement(self, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """The tuned tensor ``name`` that the adapter stores whole (``modules_to_save``) or row by row (trainable
+        tokens: the base with those rows replaced, as peft's ``merge()`` does with ``index_copy``)."""
+        if name in self.replaced:
+            return self.reader.get(self.replaced[name])
+        rows = self.reader.get(self.token_rows[name])  # (tokens, dim)
+        index = torch.tensor(self.token_indices(name))
+        if rows.shape[0] != len(index) or rows.shape[1:] != stored.shape[1:] or int(index.max()) >= stored.shape[0]:
+            raise CheckpointError(f"{self.path}: the trainable tokens of {name} ({tuple(rows.shape)}, indices "
+                                  f"{index.tolist()}) do not fit the base tensor {tuple(stored.shape)}; was the "
+                                  "adapter trained for another base?")
+        return stored.index_copy(0, index, rows.to(stored.dtype))
+
+    def token_indices(self, name: str) -> list[int]:
+        """The token ids of ``trainable_token_indices`` for the embedding tensor ``name`` (peft's config)."""
+        value = self.config.trainable_token_indices
+        if isinstance(value, dict):
+            module = name.removesuffix(".weight")
+            found = [v for k, v in value.items() if module == k or module.endswith("." + k)]
+            if len(found) != 1:
+                raise CheckpointError(f"{self.path / ADAPTER_CONFIG}: trainable_token_indices names no single "
+                                      f"entry for {module} (keys: {sorted(value)}).")
+            return list(found[0])
+        if not value:
+            raise CheckpointError(f"{self.path / ADAPTER_CONFIG}: the adapter holds trainable tokens for {name}, "
+                                  "but trainable_token_indices is empty.")
+        return list(value)
 
     def stored_factors(self, lm: LoraModule, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adapter tensors for unscaled factors B (out, r') and A (r', in), in the adapter's dtype."""

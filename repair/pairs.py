@@ -140,8 +140,8 @@ class PairSource:
                     )
                 self.lora_names[name] = module
             self.lora_biases = self._lora_biases(base_names)
-            self._replaced = {n: key for n, key in self.adapter.replaced.items()
-                              if n in base_names and len(self.base.shape(n)) == 2}
+            whole = {**self.adapter.replaced, **self.adapter.token_rows}  # tensors the adapter replaces, not adds to
+            self._replaced = {n: key for n, key in whole.items() if n in base_names and len(self.base.shape(n)) == 2}
             order = {n: i for i, n in enumerate(self.base.names())}
             return sorted((n for n in [*self.lora_names, *self._replaced] if self._wanted(n)), key=order.__getitem__)
         merged = self.merged_adapter
@@ -243,7 +243,7 @@ class PairSource:
         W0 = stored.T if transposed else stored  # (out, in)
         tuned_path = self.tuned_source.path
         if self.adapter is not None and name in self._replaced:  # modules_to_save: a full replacement
-            t = self._same_shape(_finite(self.adapter.reader.get(self._replaced[name]), name, tuned_path), stored, name)
+            t = self._same_shape(_finite(self.adapter.replacement(name, stored), name, tuned_path), stored, name)
             return MatrixPair(name, tuple(stored.shape), transposed, W0, t.T if transposed else t)
         if self.adapter is not None:
             lm = self.lora_module(name)

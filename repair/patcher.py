@@ -144,7 +144,8 @@ def changed_tensors(src: PairSource) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, src.tuned.get(name)
         return
     for name in src.base.names():
-        if name in src.lora_names or name in src.lora_biases or name in src.adapter.replaced:
+        if name in src.lora_names or name in src.lora_biases or name in src.adapter.replaced \
+                or name in src.adapter.token_rows:
             yield name, _unpatched(src, name)
 
 
@@ -158,8 +159,8 @@ def _unpatched(src: PairSource, name: str) -> torch.Tensor:
         return adapter.merged_weight(lm, src.base.get(name), src.is_transposed(name))
     if name in src.lora_biases:
         return adapter.merged_bias(adapter.modules[src.lora_biases[name]], src.base.get(name))
-    if name in adapter.replaced:
-        return adapter.reader.get(adapter.replaced[name])
+    if name in adapter.replaced or name in adapter.token_rows:
+        return adapter.replacement(name, src.base.get(name))
     return src.base.get(name)
 
 
@@ -221,6 +222,10 @@ def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edi
             elif name in src.lora_names:
                 tensors, rank, record = _rewrite_lora(src, name, pair, patch)
                 results.append((name, rank, tensors, record))
+            elif name in adapter.token_rows:  # a handful of replaced rows cannot hold a patch of the matrix
+                raise RepairError(f"--format adapter: {name} is changed by trainable tokens (rows replaced), which "
+                                      "cannot hold a patch of the whole matrix; use --format merged, or leave it out "
+                                      "with --modules.")
             else:  # a modules_to_save tensor: a full matrix, patched densely
                 key = adapter.replaced[name]
                 tensors = {key: _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)}

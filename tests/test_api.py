@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,6 +183,11 @@ def test_api_defaults_are_the_cli_defaults():
                  "per_matrix", "batch_size",
                  "allow_amplify", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == sweep_cli[name], name
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-continual-lora.yaml"
+    continual_cli = cli_defaults(cli.continual, str(recipe), "--out", "O")
+    sig = inspect.signature(evals_api.continual_learning).parameters
+    for name in ("limit", "forgetting", "batch_size", "overwrite", "overrides", *lm_eval_flags):
+        assert sig[name].default == continual_cli[name], name
     compare_cli = cli_defaults(cli.compare, "M", "--tasks", "t")
     sig = inspect.signature(evals_api.compare).parameters
     for name in ("limit", "base", "forgetting", "out", "batch_size", "device", "dtype", "device_map", *lm_eval_flags):
