@@ -2,7 +2,7 @@
 
 A recipe's ``stages`` are trained one after another from one model. LoRA stages train a fresh adapter on
 the model as it stands and merge it in (re-initialised each stage, as in the paper); full fine-tuning
-simply continues. After every stage the model is written to ``DIR/stage-N/`` and measured as a user
+trains the model as it stands (each stage with its own optimizer and schedule, as LoRA's). After every stage the model is written to ``DIR/stage-N/`` and measured as a user
 would measure a release: intruders against the *original* base (``repair detect``), lm-eval accuracy on
 every task seen so far, and forgetting NLL on the base's own samples. With ``repair: {scale: λ}`` the
 stage's intruders (against the original base) are rescaled by ``repair patch`` before the next stage
@@ -65,10 +65,15 @@ class ContinualReport(BaseModel):
         write_text_atomic(out / "continual.md", markdown_table([(self.recipe["name"], self)]) + "\n")
 
 
-def _cell(s: Score | None) -> str:
-    if s is None:
+def accuracy_cell(value: float | None, stderr: float | None) -> str:
+    """``93.5% ± 1.7`` (percent), ``–`` when not measured."""
+    if value is None:
         return "–"
-    return f"{100 * s.value:.1f}%" + (f" ± {100 * s.stderr:.1f}" if s.stderr else "")
+    return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr else "")
+
+
+def nll_cell(value: float, stderr: float | None) -> str:
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "")
 
 
 def _intruders(r: StageResult) -> str:
@@ -85,9 +90,9 @@ def markdown_table(reports: list[tuple[str, ContinualReport]]) -> str:
     for label, rep in reports:
         for r in rep.stages:
             after = "base" if r.task is None else f"{r.stage}: {r.task}"
-            nll_cell = f"{r.forgetting_nll:.3f}" + (f" ± {r.forgetting_stderr:.3f}" if r.forgetting_stderr else "")
-            lines.append(f"| {label} | {after} | {_intruders(r)} | "
-                         + " | ".join(_cell(r.accuracy.get(t)) for t in tasks) + f" | {nll_cell} |")
+            cells = [accuracy_cell(*((s.value, s.stderr) if (s := r.accuracy.get(t)) else (None, None))) for t in tasks]
+            lines.append(f"| {label} | {after} | {_intruders(r)} | " + " | ".join(cells)
+                         + f" | {nll_cell(r.forgetting_nll, r.forgetting_stderr)} |")
     return "\n".join(lines)
 
 
@@ -106,14 +111,21 @@ class _Measure:
         return {k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()}, mean, stderr
 
 
-def _train_stage(model, tok, recipe: Recipe, rows: list[dict], scratch: Path):
-    """One stage: LoRA trains a fresh adapter and merges it in; full fine-tuning trains the model itself."""
+def _train_stage(model, tok, recipe: Recipe, stage: int, rows: list[dict], scratch: Path):
+    """One stage: LoRA trains a fresh adapter and merges it in; full fine-tuning trains the model itself (a new
+    optimizer and schedule each stage, as each stage is its own fine-tune)."""
+    import shutil
+
+    from transformers import set_seed
+
     from repair.finetune import lora_model, make_trainer
 
+    set_seed(recipe.seed + stage)  # lm-eval reseeds torch when it measures: each stage's LoRA init is its own
     if recipe.method == "lora":
         model = lora_model(model, recipe)
     trainer = make_trainer(model, tok, rows, recipe, scratch)
     trainer.train()
+    shutil.rmtree(scratch, ignore_errors=True)
     loss = next((e["train_loss"] for e in reversed(trainer.state.log_history) if "train_loss" in e), None)
     if recipe.method == "lora":
         model = model.merge_and_unload()
@@ -138,11 +150,8 @@ def run_continual(recipe: Recipe, out: Path, *, limit: int | None = None, forget
                   batch_size: int | str = 8, opts: DetectOptions | None = None, overwrite: bool = False,
                   settings: EvalSettings | None = None) -> ContinualReport:
     """Train the recipe's stages one after another and measure the model after each; writes ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from repair.errors import RepairError
-    from repair.finetune import load_for_training, training_rows
+    from repair.finetune import load_for_training
     from repair.sources import resolve
     from repair.writer import check_output_dir
 
@@ -152,8 +161,8 @@ def run_continual(recipe: Recipe, out: Path, *, limit: int | None = None, forget
     opts.validate()
     settings.validate()
     check_batch_size(batch_size)
-    tasks = [s.task for s in recipe.stages]
-    check_columns([TaskColumn(t, settings) for t in dict.fromkeys(tasks)], "stages[].eval_task")
+    tasks = list(dict.fromkeys(s.task for s in recipe.stages))
+    check_columns([TaskColumn(t, settings) for t in tasks], "stages[].eval_task")
     base = resolve(recipe.base)
     check_output_dir(out, [base.path], overwrite)
     measure = _Measure(forgetting_corpus(forgetting_spec, recipe.base, Placement("cpu"), chat=False),
@@ -162,25 +171,45 @@ def run_continual(recipe: Recipe, out: Path, *, limit: int | None = None, forget
                              top_k=opts.top_k, epsilon=opts.epsilon)
     with atomic_output_dir(out, overwrite) as tmp:
         _, tok, model = load_for_training(recipe)
-        acc, f, se = measure(model, tok, list(dict.fromkeys(tasks)))
+        model = model.to(_device())  # where the Trainer puts it: every stage is measured there
+        acc, f, se = measure(model, tok, tasks)
         report.stages.append(StageResult(stage=0, task=None, accuracy=acc, forgetting_nll=f, forgetting_stderr=se))
-        for i, stage in enumerate(recipe.stages, 1):
-            t0 = time.perf_counter()
-            model, loss = _train_stage(model, tok, recipe, training_rows(stage), tmp / "trainer")
-            folder = tmp / f"stage-{i}"
-            model.save_pretrained(str(folder))
-            tok.save_pretrained(str(folder))
-            found, kept, carried = _detect_and_repair(base.path, folder, recipe, opts)
-            if carried != folder:  # the next stage starts from the repaired weights
-                del model
-                gc.collect()
-                model = AutoModelForCausalLM.from_pretrained(str(carried), dtype=torch.float32)
-            acc, f, se = measure(model, tok, list(dict.fromkeys(tasks[:i])))
-            report.stages.append(StageResult(
-                stage=i, task=stage.task, intruders_found=found, intruders=kept.total_intruders,
-                by_module_type={k: v.intruders for k, v in sorted(kept.by_module_type.items())}, accuracy=acc,
-                forgetting_nll=f, forgetting_stderr=se, train_loss=loss, seconds=round(time.perf_counter() - t0, 1)))
-            logger.info("stage %d (%s): %d intruders, %s", i, stage.task, kept.total_intruders,
-                        json.dumps({k: round(v.value, 4) for k, v in acc.items()}))
+        for i in range(1, len(recipe.stages) + 1):
+            model, result = _stage(model, tok, recipe, i, base.path, tmp, opts, measure)
+            report.stages.append(result)
         report.write(tmp)
     return report
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _stage(model, tok, recipe: Recipe, i: int, base: Path, tmp: Path, opts: DetectOptions, measure: _Measure):
+    """Train stage ``i``, write it to ``tmp/stage-i``, repair it if the recipe says so, and measure the model
+    carried forward; returns that model and the stage's record."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from repair.finetune import training_rows
+
+    stage = recipe.stages[i - 1]
+    t0 = time.perf_counter()
+    model, loss = _train_stage(model, tok, recipe, i, training_rows(stage), tmp / "trainer")
+    folder = tmp / f"stage-{i}"
+    model.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    found, kept, carried = _detect_and_repair(base, folder, recipe, opts)
+    if carried != folder:  # the next stage starts from the repaired weights, and they are what is measured
+        del model
+        gc.collect()
+        model = AutoModelForCausalLM.from_pretrained(str(carried), dtype=torch.float32).to(_device())
+    acc, f, se = measure(model, tok, list(dict.fromkeys(s.task for s in recipe.stages[:i])))
+    logger.info("stage %d (%s): %d intruders, %s", i, stage.task, kept.total_intruders,
+                json.dumps({k: round(v.value, 4) for k, v in acc.items()}))
+    return model, StageResult(
+        stage=i, task=stage.task, intruders_found=found, intruders=kept.total_intruders,
+        by_module_type={k: v.intruders for k, v in sorted(kept.by_module_type.items())}, accuracy=acc,
+        forgetting_nll=f, forgetting_stderr=se, train_loss=loss, seconds=round(time.perf_counter() - t0, 1))

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 from reproduce_tables import (  # noqa: E402
     CONTINUAL_RUNS,
+    FULL_RUN,
     RANK_SWEEP,
     RECIPE_RUNS,
     continual_table,
@@ -67,8 +68,8 @@ def _finetune(recipe: str, out: str, *sets: str) -> list[str]:
 def _rank_sweep_commands() -> list[list[str]]:
     runs = [_finetune("recipes/smollm2-addition-lora-sweep.yaml", f"{{runs}}/rank-sweep/{r.name}", *r.sets)
             for r in RANK_SWEEP if r.sets is not None]
-    runs.append(_finetune("recipes/smollm2-addition-full.yaml", "{runs}/rank-sweep/full"))
-    models = [f"{{runs}}/rank-sweep/{r.name}/{'model' if r.sets is None else 'adapter'}" for r in RANK_SWEEP]
+    runs.append(_finetune("recipes/smollm2-addition-full.yaml", FULL_RUN))  # the recipes target's own run
+    models = [f"{FULL_RUN}/model" if r.sets is None else f"{{runs}}/rank-sweep/{r.name}/adapter" for r in RANK_SWEEP]
     labels = ",".join(r.name for r in RANK_SWEEP)
     return [*runs,
             ["figures", "smollm2-135m", *models, "--labels", labels, "--forgetting", "base-samples:64",
@@ -179,12 +180,20 @@ def _reusable(args: list[str]) -> bool:
     """A ``finetune`` whose --out already holds a finished run of the same recipe (with the same --set)."""
     if args[0] != "finetune":
         return False
+    from pydantic import ValidationError
+
     from repair.recipe import Recipe, load_recipe
 
     out = Path(args[args.index("--out") + 1])
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     done = out / "recipe.json"
-    return done.is_file() and Recipe.model_validate_json(done.read_text()) == load_recipe(ROOT / args[1], sets)
+    if not done.is_file():
+        return False
+    try:
+        kept = Recipe.model_validate_json(done.read_text())
+    except ValidationError:  # written by an older schema: retrain
+        return False
+    return kept.model_dump() == load_recipe(ROOT / args[1], sets).model_dump()
 
 
 def run(name: str, runs: Path) -> None:

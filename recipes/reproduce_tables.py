@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from evals.continual import accuracy_cell, nll_cell
+
 
 @dataclass(frozen=True)
 class RankRun:
@@ -35,6 +37,9 @@ def _lora(r: int, alpha: str, rslora: bool = False) -> RankRun:
 RANKS = (1, 2, 4, 8, 16, 64)
 RANK_SWEEP = ([_lora(r, "2r") for r in RANKS] + [_lora(r, "16") for r in RANKS] + [_lora(16, "2r", rslora=True)]
               + [RankRun("full", "full fine-tuning (300 steps)", None)])
+
+
+FULL_RUN = "{runs}/recipes/full"  # the full fine-tune, shared by the recipes and rank-sweep targets
 
 
 @dataclass(frozen=True)
@@ -80,16 +85,6 @@ CONTINUAL_RUNS = [
 ]
 
 
-def _acc(value: float | None, stderr: float | None) -> str:
-    if value is None:
-        return "–"
-    return f"{100 * value:.1f}%" + (f" ± {100 * stderr:.1f}" if stderr else "")
-
-
-def _nll(value: float, stderr: float | None) -> str:
-    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "")
-
-
 def recipes_table(results: Path) -> str:
     """Base and each recipe's fine-tune: intruders, accuracy, forgetting and its rise over the base."""
     from evals.results import SweepReport
@@ -97,12 +92,12 @@ def recipes_table(results: Path) -> str:
     reports = [(r, SweepReport.model_validate_json((results / f"{r.stored}.json").read_text())) for r in RECIPE_RUNS]
     base = reports[0][1].base
     lines = ["| model | intruders | accuracy | forgetting NLL | Δ vs base |", "| --- | --- | --- | --- | --- |",
-             f"| base | – | {_acc(base.accuracy, base.accuracy_stderr)} | "
-             f"{_nll(base.forgetting_nll, base.forgetting_stderr)} | – |"]
+             f"| base | – | {accuracy_cell(base.accuracy, base.accuracy_stderr)} | "
+             f"{nll_cell(base.forgetting_nll, base.forgetting_stderr)} | – |"]
     for run, rep in reports:
         t = rep.tuned
-        lines.append(f"| {run.label} | {t.intruders} | {_acc(t.accuracy, t.accuracy_stderr)} | "
-                     f"{_nll(t.forgetting_nll, t.forgetting_stderr)} | {t.forgetting_nll - base.forgetting_nll:+.3f} |")
+        lines.append(f"| {run.label} | {t.intruders} | {accuracy_cell(t.accuracy, t.accuracy_stderr)} | "
+                     f"{nll_cell(t.forgetting_nll, t.forgetting_stderr)} | {t.forgetting_nll - base.forgetting_nll:+.3f} |")
     return "\n".join(lines)
 
 
@@ -125,8 +120,8 @@ def rank_sweep_table(folder: Path) -> str:
     for run, a, row in zip(RANK_SWEEP, figures.adapters, compare.rows, strict=True):
         s = row.scores["addition"]
         at = dict(zip(a.epsilons, a.by_epsilon, strict=True))
-        lines.append(f"| {run.label} | {_acc(s.value, s.stderr)} | {a.intruders} | {at[0.8]} / {at[0.9]} | "
-                     f"{_nll(a.forgetting_nll, a.forgetting_stderr)} | {a.effective_rank:.1f} |")
+        lines.append(f"| {run.label} | {accuracy_cell(s.value, s.stderr)} | {a.intruders} | {at[0.8]} / {at[0.9]} | "
+                     f"{nll_cell(a.forgetting_nll, a.forgetting_stderr)} | {a.effective_rank:.1f} |")
     rho = figures.spearman
     lora = figures.model_copy(update={"adapters": [a for a in figures.adapters if a.label != "full"]})
     rho_lora = spearman(lora)

@@ -109,9 +109,9 @@ class LoraAdapter:
                 store_settings(self.settings_cache, self._settings_key, self._settings)
             return self._settings
 
-    @property
+    @functools.cached_property
     def config(self):
-        """The peft ``LoraConfig`` (imports peft)."""
+        """The peft ``LoraConfig`` (imports peft), parsed once."""
         return load_lora_config(self.path)
 
     @property
@@ -218,8 +218,9 @@ class LoraAdapter:
         if name in self.replaced:
             return self.reader.get(self.replaced[name])
         rows = self.reader.get(self.token_rows[name])  # (tokens, dim)
-        index = torch.tensor(self.token_indices(name))
-        if rows.shape[0] != len(index) or rows.shape[1:] != stored.shape[1:] or int(index.max()) >= stored.shape[0]:
+        index = torch.tensor(self.token_indices(name), dtype=torch.long)
+        if rows.shape[0] != len(index) or rows.shape[1:] != stored.shape[1:] or not len(index) \
+                or int(index.min()) < 0 or int(index.max()) >= stored.shape[0]:
             raise CheckpointError(f"{self.path}: the trainable tokens of {name} ({tuple(rows.shape)}, indices "
                                   f"{index.tolist()}) do not fit the base tensor {tuple(stored.shape)}; was the "
                                   "adapter trained for another base?")
@@ -234,11 +235,11 @@ class LoraAdapter:
             if len(found) != 1:
                 raise CheckpointError(f"{self.path / ADAPTER_CONFIG}: trainable_token_indices names no single "
                                       f"entry for {module} (keys: {sorted(value)}).")
-            return list(found[0])
+            return _ints(found[0], self.path / ADAPTER_CONFIG)
         if not value:
             raise CheckpointError(f"{self.path / ADAPTER_CONFIG}: the adapter holds trainable tokens for {name}, "
                                   "but trainable_token_indices is empty.")
-        return list(value)
+        return _ints(value, self.path / ADAPTER_CONFIG)
 
     def stored_factors(self, lm: LoraModule, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
         """Adapter tensors for unscaled factors B (out, r') and A (r', in), in the adapter's dtype."""
@@ -247,3 +248,9 @@ class LoraAdapter:
             return {lm.keys["lora_embedding_A"]: B.T.to(dtype).contiguous(),
                     lm.keys["lora_embedding_B"]: A.T.to(dtype).contiguous()}
         return {lm.keys["lora_A"]: A.to(dtype), lm.keys["lora_B"]: B.to(dtype)}
+
+
+def _ints(value, where: Path) -> list[int]:
+    if not isinstance(value, list | tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise CheckpointError(f"{where}: trainable_token_indices must list token ids (integers), got {value!r}.")
+    return list(value)

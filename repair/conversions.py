@@ -46,7 +46,7 @@ def _index(converter, pattern: str, key: str, shape: tuple[int, ...]) -> tuple[I
     operation other than MergeModulelist / Concatenate is involved."""
     from transformers.core_model_loading import Concatenate, MergeModulelist
 
-    star = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    star = re.search(pattern.replace("*", r"(\d+)"), key)  # transformers' patterns are regexes, "*" a wildcard
     index: list[int | slice] = [slice(None)] * len(shape)
     sizes: list[int | None] = list(shape)
     for op in converter.operations:
@@ -69,12 +69,13 @@ def disk_slices(model: torch.nn.Module, names: Iterable[str], shapes: dict[str, 
     """{on-disk name: its slice of a parameter of ``model``} for every name in ``names`` that transformers'
     conversion mapping fuses or renames (``shapes``: the on-disk shapes). ``model`` may live on the meta device."""
     try:
+        from transformers.core_model_loading import apply_converters, apply_renamings
+
         renamings, converters = _conversions(model)
     except (ImportError, AttributeError):  # transformers before 5.0: no conversion mapping, nothing fused
         return {}
     if not converters and not renamings:
         return {}
-    from transformers.core_model_loading import apply_converters, apply_renamings
 
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
     out: dict[str, DiskSlice] = {}
@@ -88,6 +89,10 @@ def disk_slices(model: torch.nn.Module, names: Iterable[str], shapes: dict[str, 
         if fused not in params:
             continue
         converter = next(c for c in converters if pattern in c.source_patterns)
+        if len(converter.target_patterns) != 1:  # one source split over several parameters: not a slice of one
+            logger.warning("%s: transformers converts it into %d parameters; it is analysed as stored", name,
+                           len(converter.target_patterns))
+            continue
         found = _index(converter, pattern, renamed, shapes[name])
         if found is None:
             continue
@@ -105,10 +110,12 @@ def disk_slices(model: torch.nn.Module, names: Iterable[str], shapes: dict[str, 
 def gather(shape: tuple[int, ...], parts: list[tuple[DiskSlice, torch.Tensor]], name: str) -> torch.Tensor:
     """The fused tensor ``name`` (float32) assembled from its on-disk parts; every element must be covered."""
     out = torch.empty(shape, dtype=torch.float32)
-    covered = 0
+    seen = torch.zeros(shape, dtype=torch.bool)
     for where, tensor in parts:
+        if seen[where.index].any():
+            raise ValueError(f"{name}: two of the checkpoint's tensors map onto the same elements")
         out[where.index] = tensor.float()
-        covered += tensor.numel()
-    if covered != out.numel():
-        raise ValueError(f"{name}: the checkpoint's tensors cover {covered} of its {out.numel()} elements")
+        seen[where.index] = True
+    if not bool(seen.all()):
+        raise ValueError(f"{name}: the checkpoint's tensors cover {int(seen.sum())} of its {out.numel()} elements")
     return out

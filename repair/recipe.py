@@ -49,12 +49,16 @@ class StageRecipe(DataRecipe):
 
     eval_task: str | None = Field(None, description="default: the generated task's name")
 
+    @model_validator(mode="after")
+    def _has_task(self) -> StageRecipe:
+        if self.eval_task is None and self.generated is None:
+            raise ValueError("a stage with jsonl data needs an 'eval_task'")
+        return self
+
     @property
     def task(self) -> str:
         if self.eval_task is not None:
             return self.eval_task
-        if self.generated is None:
-            raise ValueError("a stage with jsonl data needs an 'eval_task'")
         return self.generated.task
 
 
@@ -103,8 +107,9 @@ class Recipe(_Strict):
             raise ValueError("give exactly one of 'data' (one fine-tune) or 'stages' (continual learning)")
         if self.repair is not None and self.stages is None:
             raise ValueError("'repair' applies between stages: it needs 'stages'")
-        for stage in self.stages or []:
-            stage.task  # noqa: B018 -- raises for a jsonl stage without eval_task
+        if self.stages is not None and self.train.save_steps:
+            raise ValueError("train.save_steps saves one fine-tune's checkpoints; with 'stages' every stage is "
+                             "written whole (DIR/stage-N), so leave it out")
         return self
 
 
@@ -121,12 +126,26 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             raise RepairError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}).") from e
         node = data
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise RepairError(f"--set {item!r}: recipe field {part!r} is not a section.")
-            node = child
-        node[parts[-1]] = value
+            node = _child(node, part, item)
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], item)] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _child(node, part: str, item: str):
+    """``node[part]`` for ``--set``: a section (created when missing) or a list item (``stages.1.eval_task``)."""
+    child = node[_list_index(node, part, item)] if isinstance(node, list) else node.setdefault(part, {})
+    if not isinstance(child, dict | list):
+        raise RepairError(f"--set {item!r}: recipe field {part!r} is not a section.")
+    return child
+
+
+def _list_index(node: list, part: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RepairError(f"--set {item!r}: {part!r} is not an index of a list of {len(node)} items.")
+    return int(part)
 
 
 def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -151,4 +170,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     for data in [recipe.data, *(recipe.stages or [])]:
         if data is not None and data.jsonl is not None and not data.jsonl.is_absolute():
             data.jsonl = (path.parent / data.jsonl).resolve()
+    for stage in recipe.stages or []:  # a task YAML, like the data, is found beside the recipe
+        if stage.eval_task and stage.eval_task.endswith((".yaml", ".yml")) and not Path(stage.eval_task).is_absolute():
+            stage.eval_task = str((path.parent / stage.eval_task).resolve())
     return recipe

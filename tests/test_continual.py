@@ -102,10 +102,12 @@ def test_lora_stages_merge_a_fresh_low_rank_update_each(llama_base, corpus_file,
 def test_stagewise_repair_removes_the_intruders_before_the_next_stage(llama_base, corpus_file, tmp_path):
     out, rep = run(tmp_path, stages_recipe(llama_base, repair={"scale": 0.0}), corpus_file, "repaired")
     W0 = weights(llama_base)
+    docs = [line for line in corpus_file.read_text().splitlines() if line.strip()]  # measured: the repaired model
     for i, s in enumerate(rep["stages"][1:], 1):
         assert s["intruders_found"] == oracle_intruders(W0, weights(out / f"stage-{i}")) > 0
         # λ=0 removes the stage's intruders; a lower-ranked one may rise into the top k, so fewer, not always 0
         assert s["intruders"] == oracle_intruders(W0, weights(out / f"stage-{i}-repaired")) < s["intruders_found"]
+        assert s["forgetting_nll"] == pytest.approx(torch_nll(out / f"stage-{i}-repaired", docs), rel=1e-5)
         if i > 1:  # the next stage trains on the repaired weights, not on the unrepaired ones
             delta = weights(out / f"stage-{i}")["model.layers.0.self_attn.q_proj.weight"] - \
                 weights(out / f"stage-{i - 1}-repaired")["model.layers.0.self_attn.q_proj.weight"]
@@ -128,6 +130,7 @@ def test_full_finetuning_stages_continue_one_model(llama_base, corpus_file, tmp_
                                           repair={"scale": 0})), "'repair' applies between stages"),
     (lambda d: d.update(stages=[{"jsonl": "x.jsonl"}]), "needs an 'eval_task'"),
     (lambda d: d.update(repair={"scale": 2}), "repair.scale"),
+    (lambda d: d["train"].update(save_steps=[2]), "every stage is written whole"),
 ])
 def test_stage_recipe_errors_name_the_field(llama_base, tmp_path, edit, message):
     d = stages_recipe(llama_base)
@@ -167,3 +170,6 @@ def test_set_overrides_a_recipe_field(llama_base, tmp_path):
         load_recipe(path, ["lora.r"])
     with pytest.raises(RepairError, match="is not a section"):
         load_recipe(path, ["name.x=1"])
+    assert load_recipe(path, ["stages.2.generated.n=7"]).stages[2].generated.n == 7  # a list item by index
+    with pytest.raises(RepairError, match="'3' is not an index of a list of 3 items"):
+        load_recipe(path, ["stages.3.eval_task=x"])
