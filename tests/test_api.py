@@ -164,7 +164,7 @@ def test_api_defaults_are_the_cli_defaults():
         if f.name == "cache":
             assert f.default is True and detect_cli["no_cache"] is False
         elif f.name == "method":
-            assert f.default == "auto" and detect_cli["method"] is None  # None means auto (see cli._method)
+            assert f.default == "auto" and detect_cli["method"] is None  # None means auto (see cli_options.method_of)
         elif f.name == "batch_bytes":
             continue  # not a CLI option
         else:
