@@ -184,7 +184,7 @@ def test_api_defaults_are_the_cli_defaults():
                  "allow_amplify", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == sweep_cli[name], name
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-continual-lora.yaml"
-    continual_cli = cli_defaults(cli.continual, str(recipe), "--out", "O")
+    continual_cli = cli_defaults(cli.main.commands["continual"], str(recipe), "--out", "O")
     sig = inspect.signature(evals_api.continual_learning).parameters
     for name in ("limit", "forgetting", "batch_size", "overwrite", "overrides", *lm_eval_flags):
         assert sig[name].default == continual_cli[name], name
