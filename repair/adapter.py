@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+?)\."
-    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?P<part>lora_A|lora_B|lora_E|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.[^.]+)?(?:\.weight|\.bias)?$"
 )
 
@@ -49,6 +49,7 @@ class LoraModule:
     keys: dict[str, str]  # part (lora_A, lora_B, ...) -> tensor name in the adapter file
     rank: int
     scaling: float
+    divisor: float | None = None  # AdaLoRA: peft divides the update by ranknum + 1e-5
 
     @property
     def is_embedding(self) -> bool:
@@ -57,6 +58,11 @@ class LoraModule:
     @property
     def is_dora(self) -> bool:
         return "lora_magnitude_vector" in self.keys
+
+    @property
+    def is_adalora(self) -> bool:
+        """AdaLoRA: ΔW = B·(A ⊙ E)·scaling / divisor, its singular values E a (r, 1) vector."""
+        return "lora_E" in self.keys
 
     @property
     def bias_key(self) -> str | None:
@@ -138,7 +144,8 @@ class LoraAdapter:
                 parts.setdefault(m["module"], {})[f"{m['part']}.bias"] = name
             else:
                 parts.setdefault(m["module"], {})[m["part"]] = name
-        return dict(sorted(parts.items()))
+        empty = [mod for mod, keys in parts.items() if "lora_A" in keys and self.reader.shape(keys["lora_A"])[0] == 0]
+        return {mod: keys for mod, keys in sorted(parts.items()) if mod not in empty}  # AdaLoRA's rank 0: no update
 
     def _module(self, module: str, keys: dict[str, str]) -> LoraModule:
         a_key = keys.get("lora_A") or keys.get("lora_embedding_A")
@@ -151,7 +158,7 @@ class LoraAdapter:
             raise CheckpointError(
                 f"{self.path}: {a_key} has rank {stored_r}, but {ADAPTER_CONFIG} implies r={r} for {module}."
             )
-        lm = LoraModule(module, keys, r, scaling)
+        lm = LoraModule(module, keys, r, scaling, self.settings.divisors.get(module))
         if lm.is_dora and lm.is_embedding:
             raise CheckpointError(f"{self.path}: DoRA on embedding module {module} is not supported.")
         return lm
@@ -162,17 +169,21 @@ class LoraAdapter:
         B = self.reader.get(lm.keys.get("lora_B") or lm.keys["lora_embedding_B"]).float()
         if lm.is_embedding:  # peft stores A (r, num_embeddings), B (dim, r); delta = (B @ A).T
             A, B = B.T, A.T
+        if lm.is_adalora:
+            A = A * self.reader.get(lm.keys["lora_E"]).float()  # (r, in) * (r, 1): P·Λ
         return B, A
 
     def factors(self, lm: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B * scaling, A)``: ``delta = B_scaled @ A`` in (out, in) orientation, float32."""
         B, A = self.raw_factors(lm)
-        return B * lm.scaling, A
+        return B * (lm.scaling if lm.divisor is None else lm.scaling / lm.divisor), A
 
     def delta(self, lm: LoraModule) -> torch.Tensor:
-        """``(B @ A) * scaling`` in (out, in) orientation and float32, in peft's order of operations."""
+        """``(B @ A) * scaling`` (AdaLoRA: ``/ divisor`` after) in (out, in) orientation and float32, in peft's
+        order of operations."""
         B, A = self.raw_factors(lm)
-        return (B @ A) * lm.scaling
+        delta = (B @ A) * lm.scaling
+        return delta if lm.divisor is None else delta / lm.divisor
 
     def tuned_weight(self, lm: LoraModule, W0: torch.Tensor) -> torch.Tensor:
         """W_tuned in (out, in) orientation from the base weight W0 (out, in), float32."""

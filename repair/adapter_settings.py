@@ -23,7 +23,7 @@ from .merged_adapter import MERGED_TYPES
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-SETTINGS_VERSION = "2"  # 2: adapters trained on a mutated base (PiSSA, CorDA, OLoRA, LoRA-GA) refused
+SETTINGS_VERSION = "3"  # 2: adapters trained on a mutated base refused; 3: AdaLoRA's divisors
 # init_lora_weights prefixes whose initialisation subtracts the adapter's initial value from the base weights, so
 # the adapter only applies to that residual base until peft converts it (the prefixes peft's conversion accepts)
 MUTATED_BASE_INITS = {"pissa": "PiSSA", "corda": "CorDA", "olora": "OLoRA", "lora_ga": "LoRA-GA"}
@@ -37,6 +37,7 @@ class AdapterSettings(BaseModel):
     fan_in_fan_out: bool
     use_rslora: bool
     modules: dict[str, tuple[int, float]]  # module path -> (r, scaling)
+    divisors: dict[str, float] = {}  # AdaLoRA: module path -> ranknum + 1e-5, which peft divides the update by
 
 
 def load_lora_config(path: Path):
@@ -56,13 +57,14 @@ def check_lora_config(config, where: str):
     from peft import LoraConfig
 
     peft_type = getattr(config.peft_type, "value", config.peft_type)
-    if peft_type != "LORA" or not isinstance(config, LoraConfig):
+    if peft_type not in ("LORA", "ADALORA") or not isinstance(config, LoraConfig):
         instead = ("it learns prompts, not weights, so there is no weight update to analyse"
                    if getattr(config, "is_prompt_learning", False) else
                    "merge it into its base with peft (merge_and_unload(), then save_pretrained) and pass that "
                    "folder as TUNED, a full fine-tune")
         raise CheckpointError(f"{where}: peft_type {peft_type!r} is not supported (supported: 'LORA', with DoRA, "
-                              f"rsLoRA, rank and alpha patterns, lora_bias and modules_to_save; as saved adapter folders "
+                              f"rsLoRA, rank and alpha patterns, lora_bias, trainable tokens and modules_to_save; "
+                              f"'ADALORA'; as saved adapter folders "
                               f"also {', '.join(repr(t) for t in MERGED_TYPES)}, merged by peft module by module); "
                               f"{instead}.")
     if getattr(config, "layer_replication", None):
@@ -98,6 +100,14 @@ def refuse_mutated_base(init, where: str) -> None:
                 f"<the initial adapter>)) and pass OUT.")
 
 
+def _is_rank(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_mask(x) -> bool:
+    return isinstance(x, list) and all(isinstance(b, bool) for b in x)
+
+
 def _is_number(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -108,8 +118,8 @@ def _check_fields(config, where: str) -> None:
         raise CheckpointError(f"{where}: r must be a positive integer, got {config.r!r}.")
     if not _is_number(config.lora_alpha):
         raise CheckpointError(f"{where}: lora_alpha must be a finite number, got {config.lora_alpha!r}.")
-    for field, ok in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
-                      ("alpha_pattern", _is_number)):
+    adalora = getattr(config.peft_type, "value", config.peft_type) == "ADALORA"  # its rank_pattern holds masks
+    for field, ok in (("rank_pattern", _is_mask if adalora else _is_rank), ("alpha_pattern", _is_number)):
         if getattr(config, field, None) is None:  # JSON null: peft's own default is an empty mapping
             setattr(config, field, {})
         pattern = getattr(config, field)
@@ -132,9 +142,24 @@ def rank_and_scaling(config, module: str) -> tuple[int, float]:
     return int(r), float(scaling)
 
 
+def adalora_rank_and_scaling(config, module: str) -> tuple[int, float, float]:
+    """AdaLoRA's per-module (r, scaling, divisor) as a loaded ``AdaLoraModel`` holds them: the rank kept by
+    ``rank_pattern`` (else ``init_r``), scaling ``lora_alpha`` (or r when it is 0), and ``ranknum + 1e-5``, where
+    ranknum stays ``init_r`` through peft's resizing (``resize_modules_by_rank_pattern`` copies it)."""
+    mask = (config.rank_pattern or {}).get(f"{module}.lora_E")
+    r = sum(mask) if mask is not None else config.init_r
+    scaling = config.lora_alpha if config.lora_alpha > 0 else float(r)
+    return int(r), float(scaling), float(config.init_r) + 1e-5
+
+
 def resolve_with_peft(path: Path, modules: list[str]) -> AdapterSettings:
     """Resolve the config with peft (the slow path)."""
     config = load_lora_config(path)
+    if getattr(config.peft_type, "value", config.peft_type) == "ADALORA":
+        resolved = {m: adalora_rank_and_scaling(config, m) for m in modules}
+        return AdapterSettings(peft_version=_peft_version(), fan_in_fan_out=bool(config.fan_in_fan_out),
+                               use_rslora=False, modules={m: v[:2] for m, v in resolved.items()},
+                               divisors={m: v[2] for m, v in resolved.items()})
     return AdapterSettings(
         peft_version=_peft_version(), fan_in_fan_out=bool(config.fan_in_fan_out),
         use_rslora=bool(config.use_rslora), modules={m: rank_and_scaling(config, m) for m in modules},

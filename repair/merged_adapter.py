@@ -1,4 +1,4 @@
-"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, AdaLoRA, VeRA), and LoRA adapters on fused expert
+"""PEFT adapters other than LoRA (LoHa, LoKr, IA³, OFT, BOFT, VeRA), and LoRA adapters on fused expert
 parameters (``target_parameters``), merged by peft one module at a time.
 
 Their updates are not a B·A product the low-rank path can use, so each targeted module is rebuilt
@@ -37,7 +37,7 @@ from .conversions import DiskSlice, disk_slices, gather
 from .errors import CheckpointError
 from .experts import expert_layouts
 
-MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "ADALORA", "VERA")  # peft types merged per module
+MERGED_TYPES = ("LOHA", "LOKR", "IA3", "OFT", "BOFT", "VERA")  # peft types merged per module
 SHARED = {"VERA": ("vera_A", "vera_B")}  # tensors saved once for all layers, as base_model.<name>
 PREFIX = "base_model.model."
 ADAPTER = "default"

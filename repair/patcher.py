@@ -311,6 +311,9 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
                 else "a full checkpoint")
         raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
                           "use --format merged.")
+    if opts.format == "adapter" and src.adapter is not None and any(m.is_adalora for m in src.adapter.modules.values()):
+        raise RepairError(f"--format adapter: {tuned} is an AdaLoRA adapter, whose factors (B·(A ⊙ E), divided by "
+                          "ranknum) a LoRA of higher rank cannot extend in its own format; use --format merged.")
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
     hashed: list[Provenance] = []  # sha256 of the inputs releases the GIL: it overlaps the spectra
     join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))
