@@ -161,3 +161,17 @@ def corpus_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "ref.txt"
     path.write_text("\n".join(CORPUS[:3]) + "\n\n" + "\n".join(CORPUS[3:]) + "\n")
     return path
+
+
+def plain_merge(base: Path, tuned: Path, merged: Path, out: Path) -> tuple[dict, dict, dict]:
+    """``repair patch BASE TUNED --scale 1.0`` (the plain merge) into ``out``: (its tensors, those of peft's
+    ``merge_and_unload()`` saved in ``merged``, the base's)."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from repair.cli import main
+
+    res = CliRunner().invoke(main, ["patch", str(base), str(tuned), "--scale", "1.0", "--no-cache", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return (load_file(out / "model.safetensors"), load_file(merged / "model.safetensors"),
+            load_file(base / "model.safetensors"))

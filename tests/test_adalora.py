@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_llama
+from conftest import plain_merge, tiny_llama
 from safetensors.torch import load_file
 from test_structured import reference
 
@@ -58,12 +58,7 @@ def adalora(request, tmp_path_factory):
 
 
 def test_the_merge_is_peft_s_bit_for_bit(adalora, llama_base, tmp_path):
-    out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["patch", str(llama_base), str(adalora / "adapter"), "--scale", "1.0", "--no-cache",
-                                    "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    ours, peft_merged = load_file(out / "model.safetensors"), load_file(adalora / "merged" / "model.safetensors")
-    base = load_file(llama_base / "model.safetensors")
+    ours, peft_merged, base = plain_merge(llama_base, adalora / "adapter", adalora / "merged", tmp_path / "out")
     assert sum(not torch.equal(peft_merged[n], base[n]) for n in base) > 0
     assert set(ours) == set(peft_merged) and all(torch.equal(ours[n], peft_merged[n]) for n in ours)
 

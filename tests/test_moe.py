@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import plain_merge
 from safetensors.torch import load_file, save_file
 from test_structured import reference
 
@@ -84,12 +85,7 @@ def save_adapter_and_merge(model, root, boost: float) -> None:
 def test_in_memory_fused_target_parameters_merge_as_peft_does(moe, tmp_path):
     """λ = 1 writes the plain merge in the base's own per-expert layout: every expert tensor and q_proj as
     peft's merge_and_unload() saved them, to 1e-5 relative; every other tensor bit-equal."""
-    out = tmp_path / "merged"
-    res = CliRunner().invoke(main, ["patch", str(moe / "base"), str(moe / "adapter"), "--scale", "1.0",
-                                    "--no-cache", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    ours, peft_merged = load_file(out / "model.safetensors"), load_file(moe / "merged" / "model.safetensors")
-    base = load_file(moe / "base" / "model.safetensors")
+    ours, peft_merged, base = plain_merge(moe / "base", moe / "adapter", moe / "merged", tmp_path / "out")
     assert set(ours) == set(peft_merged) == set(base)  # the checkpoint's own per-expert names
     changed = [n for n in base if (".experts." in n and "shared" not in n) or "q_proj.weight" in n]
     assert len([n for n in changed if ".experts." in n]) == 12  # 4 experts x (gate, up, down)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import save_model, tiny_llama
+from conftest import plain_merge, save_model, tiny_llama
 from safetensors.torch import load_file
 
 from repair.cli import main
@@ -34,12 +34,7 @@ def tokens(request, tmp_path_factory):
 
 
 def test_the_merge_replaces_the_rows_as_peft_does(tokens, tmp_path):
-    out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["patch", str(tokens / "base"), str(tokens / "adapter"), "--scale", "1.0",
-                                    "--no-cache", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    ours, peft_merged = load_file(out / "model.safetensors"), load_file(tokens / "merged" / "model.safetensors")
-    base = load_file(tokens / "base" / "model.safetensors")
+    ours, peft_merged, base = plain_merge(tokens / "base", tokens / "adapter", tokens / "merged", tmp_path / "out")
     assert not torch.equal(peft_merged[EMBED], base[EMBED])  # the fixture changes rows
     assert set(ours) == set(peft_merged) and all(torch.equal(ours[n], peft_merged[n]) for n in ours)
 
