@@ -165,7 +165,7 @@ def check() -> list[str]:
         want = rendered(name)
         found = [(doc, m[2]) for doc in DOCS for m in region(name).finditer(doc.read_text())]
         if not found:
-            problems.append(f"{name}: no region of {', '.join(d.name for d in DOCS)} is marked for it")
+            problems.append(f"{name}: no region of {' or '.join(str(d.relative_to(ROOT)) for d in DOCS)} is marked for it")
         stored = ", ".join(f"results/{s}" for s in TARGETS[name].results if s.endswith(".json"))
         for doc, body in found:
             have = pieces_of(body, name)

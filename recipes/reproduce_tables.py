@@ -35,6 +35,7 @@ def _lora(r: int, alpha: str, rslora: bool = False) -> RankRun:
 
 
 RANKS = (1, 2, 4, 8, 16, 64)
+MATCHED_ACCURACY = 0.95  # the paper compares fine-tunes trained to equivalent accuracy
 RANK_SWEEP = ([_lora(r, "2r") for r in RANKS] + [_lora(r, "16") for r in RANKS] + [_lora(16, "2r", rslora=True)]
               + [RankRun("full", "full fine-tuning (300 steps)", None)])
 
@@ -122,21 +123,27 @@ def rank_sweep_table(folder: Path) -> str:
         at = dict(zip(a.epsilons, a.by_epsilon, strict=True))
         lines.append(f"| {run.label} | {accuracy_cell(s.value, s.stderr)} | {a.intruders} | {at[0.8]} / {at[0.9]} | "
                      f"{nll_cell(a.forgetting_nll, a.forgetting_stderr)} | {a.effective_rank:.1f} |")
-    rho = figures.spearman
-    lora = figures.model_copy(update={"adapters": [a for a in figures.adapters if a.label != "full"]})
-    rho_lora = spearman(lora)
-    lines += ["", f"Spearman's ρ of intruders against forgetting NLL: {rho.rho:.3f} (p = {rho.p_value:.2g}, "
-                  f"n = {rho.n}) over all {rho.n} fine-tunes; {rho_lora.rho:.3f} (p = {rho_lora.p_value:.2g}, "
-                  f"n = {rho_lora.n}) over the LoRA ones."]
+    accurate = {a.label for a, row in zip(figures.adapters, compare.rows, strict=True)
+                if row.scores["addition"].value >= MATCHED_ACCURACY}
+    subsets = [("all fine-tunes", figures.adapters),
+               ("the LoRA ones", [a for a in figures.adapters if a.label != "full"]),
+               (f"those at full fine-tuning's accuracy (≥ {MATCHED_ACCURACY:.0%} on addition)",
+                [a for a in figures.adapters if a.label in accurate])]
+    parts = []
+    for what, adapters in subsets:
+        rho = spearman(figures.model_copy(update={"adapters": adapters}))
+        parts.append(f"{rho.rho:.3f} (p = {rho.p_value:.2g}, n = {rho.n}) over {what}")
+    lines += ["", "Spearman's ρ of intruders against forgetting NLL: " + "; ".join(parts) + "."]
     return "\n".join(lines)
 
 
 def rank_sweep_plots(folder: Path) -> None:
-    """Fig. 9 (forgetting against rank, one line per α rule, full fine-tuning as a line) and Fig. 6 (effective
-    rank of ΔW against rank), from the stored figures.json."""
-    from repair.figures import pyplot, save_figure
+    """Fig. 9 (forgetting against rank, one line per α rule, full fine-tuning as a line), Fig. 6 (effective
+    rank of ΔW against rank), and Fig. 5 and 11 (one curve per fine-tune), from the stored figures.json."""
+    from repair.figures import plot_counts, pyplot, save_figure
 
     figures, _ = _rank_reports(folder)
+    plot_counts(figures.adapters, folder)  # Fig. 5 and 11 again, from the stored curves
     by_name = dict(zip((r.name for r in RANK_SWEEP), figures.adapters, strict=True))
     full = by_name["full"]
     plt = pyplot()

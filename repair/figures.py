@@ -146,9 +146,10 @@ def plot_counts(adapters: list[AdapterCurves], out: Path) -> list[Path]:
     plt = pyplot()
     several = len(adapters) > 1
     a0 = adapters[0]
+    styles = _styles(plt, len(adapters))
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for a in adapters:
-        ax.plot(a.epsilons, a.by_epsilon, "o-", ms=3, label=a.label)
+    for a, (color, dash) in zip(adapters, styles, strict=True):
+        ax.plot(a.epsilons, a.by_epsilon, "o", ls=dash, color=color, ms=3, label=a.label)
     ax.set_xlabel("ε (cosine similarity threshold)")
     ax.set_ylabel(f"intruders in top {a0.top_k} (all matrices)")
     ax.grid(alpha=0.3)
@@ -156,14 +157,21 @@ def plot_counts(adapters: list[AdapterCurves], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
     a = save_figure(fig, out / "intruders_vs_epsilon.png")
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for c in adapters:
-        ax.plot(range(1, len(c.by_k) + 1), c.by_k, "-", label=c.label)
+    for c, (color, dash) in zip(adapters, styles, strict=True):
+        ax.plot(range(1, len(c.by_k) + 1), c.by_k, ls=dash, color=color, label=c.label)
     ax.set_xlabel("k (top singular vectors examined)")
     ax.set_ylabel(f"intruders at ε={a0.epsilon}")
     ax.grid(alpha=0.3)
     if several:
         ax.legend(fontsize=7)
     return [a, save_figure(fig, out / "intruders_vs_k.png")]
+
+
+def _styles(plt, n: int) -> list[tuple]:
+    """A distinct (colour, dash) per curve: matplotlib's 10 colours, then tab20's with dashes alternating."""
+    if n <= 10:
+        return [(f"C{i}", "-") for i in range(n)]
+    return [(plt.cm.tab20(i % 20), "-" if i % 2 == 0 else "--") for i in range(n)]
 
 
 def plot_effective_rank(stats: list[MatrixStats], path: Path) -> Path:
