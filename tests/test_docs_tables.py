@@ -85,7 +85,8 @@ def test_the_rank_sweep_trains_what_its_labels_say():
     for cmd, run in zip(runs, r.RANK_SWEEP, strict=False):
         recipe = load_recipe(ROOT / cmd[1], [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"])
         scaling = recipe.lora.lora_alpha / (recipe.lora.r ** 0.5 if recipe.lora.rslora else recipe.lora.r)
-        assert recipe.name == run.name and f"r={recipe.lora.r}," in run.label and f"(scaling {scaling:g})" in run.label
+        assert recipe.name == run.name and f"r={recipe.lora.r}," in run.label and f"(scaling {scaling:g}" in run.label
+        assert ("; lr " in run.label) == (recipe.train.learning_rate not in (5e-3, 3e-3))
 
 
 def test_the_demo_json_is_the_demo_adapters_sweep():
