@@ -224,8 +224,8 @@ def _adapter_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None, edi
                 results.append((name, rank, tensors, record))
             elif name in adapter.token_rows:  # a handful of replaced rows cannot hold a patch of the matrix
                 raise RepairError(f"--format adapter: {name} is changed by trainable tokens (rows replaced), which "
-                                      "cannot hold a patch of the whole matrix; use --format merged, or leave it out "
-                                      "with --modules.")
+                                  "cannot hold a patch of the whole matrix; use --format merged, or leave it out "
+                                  "with --modules.")
             else:  # a modules_to_save tensor: a full matrix, patched densely
                 key = adapter.replaced[name]
                 tensors = {key: _stored(pair, apply_patch(pair.tuned, patch), out[key].dtype)}
@@ -311,7 +311,8 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
                 else "a full checkpoint")
         raise RepairError(f"--format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
                           "use --format merged.")
-    if opts.format == "adapter" and src.adapter is not None and any(m.is_adalora for m in src.adapter.modules.values()):
+    if opts.format == "adapter" and src.adapter is not None and \
+            any("lora_E" in keys for keys in src.adapter.module_keys.values()):  # AdaLoRA, known without peft
         raise RepairError(f"--format adapter: {tuned} is an AdaLoRA adapter, whose factors (B·(A ⊙ E), divided by "
                           "ranknum) a LoRA of higher rank cannot extend in its own format; use --format merged.")
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
