@@ -189,12 +189,12 @@ def test_jsonl_data_path_is_relative_to_the_recipe(llama_base, tmp_path):
     assert recipe.data.jsonl == (tmp_path / "data.jsonl").resolve()
     from repair.finetune import training_rows
 
-    assert training_rows(recipe) == rows
+    assert training_rows(recipe.data) == rows
     res = CliRunner().invoke(main, ["finetune", str(write(tmp_path, d)), "--out", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output
     (tmp_path / "data.jsonl").write_text('{"prompt": "x"}\n')
     with pytest.raises(RepairError, match="'prompt' and 'completion'"):
-        training_rows(load_recipe(write(tmp_path, d)))
+        training_rows(load_recipe(write(tmp_path, d)).data)
 
 
 def _average_ranks(values: list[float]) -> list[float]:
