@@ -16,9 +16,9 @@ what the code prints.
 
 Training runs (``repair finetune``) write to ``--runs`` (default: the tool's cache) and are reused when
 their ``recipe.json`` equals the recipe asked for, so a target reruns only its measurements. Times on a
-2-core CPU: ``demo`` about 5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` about 40 (15
-with its runs kept), ``rank-sweep`` about 60 for its 13 LoRA runs plus 10 to measure them, ``continual`` about
-45; ``--check`` takes a second.
+2-core CPU: ``demo`` about 5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` its three
+sweeps (plus the training runs it has not kept), ``rank-sweep`` about 4 per LoRA run plus about 15 to measure
+the 14 fine-tunes, ``continual`` about 30 (8, 9 and 11 on 2026-11-25); ``--check`` takes a second.
 """
 
 from __future__ import annotations
