@@ -22,7 +22,7 @@ import torch
 from common import ROOT, repair, run
 
 sys.path.insert(0, str(ROOT))
-from repair.writer import TensorWriter  # noqa: E402
+from repair.io.writer import TensorWriter  # noqa: E402
 
 WIDTH, R = 2048, 8
 LAYER_BYTES = WIDTH * WIDTH * 4

@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.75)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from repair.sources import ensure_embedded
+    from repair.io.sources import ensure_embedded
 
     base_dir = ensure_embedded("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:

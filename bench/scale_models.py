@@ -51,7 +51,7 @@ def base_matrix(out_f: int, in_f: int, gen: torch.Generator) -> torch.Tensor:
 def write_base(folder: Path, shape: str, layers: int, seed: int = 0) -> Path:
     """A transformers-loadable LlamaForCausalLM checkpoint of ``layers`` layers, sharded at 2 GB."""
     sys.path.insert(0, str(ROOT))
-    from repair.writer import TensorWriter
+    from repair.io.writer import TensorWriter
 
     h, mlp, heads, kv = SHAPES[shape]
     folder.mkdir(parents=True, exist_ok=True)

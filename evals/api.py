@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from evals.accuracy import EvalSettings
-from evals.comparison import CompareReport
-from evals.continual import ContinualReport
-from evals.results import SweepReport
+from evals.measure.accuracy import EvalSettings
+from evals.measure.results import SweepReport
+from evals.runners.comparison import CompareReport
+from evals.runners.continual import ContinualReport
 from repair.api import detect_options
 
 
@@ -23,7 +23,7 @@ def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] =
           **options) -> SweepReport:
     """Accuracy against forgetting for each λ, written to ``out``: ``repair sweep`` (options: ``DetectOptions``).
     ``tasks`` are lm-eval task names or local YAML paths; a single string is one task."""
-    from evals.sweeper import SweepOptions, run_sweep
+    from evals.runners.sweeper import SweepOptions, run_sweep
 
     settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
     opts = SweepOptions(out=Path(out), scales=tuple(scales), tasks=_tasks(tasks), forgetting=forgetting,
@@ -41,8 +41,8 @@ def compare(models: list[str], tasks: Sequence[str], *, limit: int | None = None
             gen_kwargs: str | None = None, seed: int | None = None, log_samples: bool = False) -> CompareReport:
     """Each model on each task (and forgetting) side by side: ``repair compare``. A sweep folder in ``models``
     stands for its base, tuned and picked checkpoints."""
-    from evals.comparison import run_compare
-    from evals.models import Placement
+    from evals.measure.models import Placement
+    from evals.runners.comparison import run_compare
 
     placement = Placement(device, dtype, device_map)
     placement.validate()
@@ -58,8 +58,8 @@ def continual_learning(recipe: str | Path, out: str | Path, *, limit: int | None
                        log_samples: bool = False, **options) -> ContinualReport:
     """A recipe's stages trained one after another, measured after each: ``repair continual`` (``overrides``:
     its ``--set KEY=VALUE``; options: ``DetectOptions``)."""
-    from evals.continual import run_continual
-    from repair.recipe import load_recipe
+    from evals.runners.continual import run_continual
+    from repair.train.recipe import load_recipe
 
     settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
     return run_continual(load_recipe(recipe, tuple(overrides)), Path(out), limit=limit, forgetting_spec=forgetting,

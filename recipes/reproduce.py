@@ -8,7 +8,7 @@
 Each target runs the ``repair`` CLI as a user would, keeps the JSON it wrote under ``recipes/results/``,
 and rewrites every region of the docs marked ``<!-- reproduce: <target> -->`` ...
 ``<!-- /reproduce: <target> -->``. In a sweep target's region the table starting ``| point |`` is replaced
-by the table ``evals.results.markdown_table`` prints from that JSON (what ``repair sweep`` prints), and a
+by the table ``evals.measure.results.markdown_table`` prints from that JSON (what ``repair sweep`` prints), and a
 line starting ``Against the`` by the control verdict; the other targets' regions are replaced whole by
 what their renderer prints from their JSON. ``--check`` (and ``tests/test_docs_tables.py``, in CI)
 asserts that every marked region already says exactly that, so no number in the docs can drift from
@@ -122,7 +122,7 @@ def rendered(name: str) -> dict[str, str]:
     target = TARGETS[name]
     if target.render is not None:
         return {k: v + "\n" for k, v in target.render().items()}
-    from evals.results import SweepReport, control_verdict, markdown_table
+    from evals.measure.results import SweepReport, control_verdict, markdown_table
 
     report = SweepReport.model_validate_json(_stored_sweep(name).read_text())
     verdict = control_verdict(report)
@@ -182,7 +182,7 @@ def _reusable(args: list[str]) -> bool:
         return False
     from pydantic import ValidationError
 
-    from repair.recipe import Recipe, load_recipe
+    from repair.train.recipe import Recipe, load_recipe
 
     out = Path(args[args.index("--out") + 1])
     sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
@@ -226,7 +226,7 @@ def write_docs(name: str) -> None:
 
 
 def main() -> None:
-    from repair.sources import cache_dir
+    from repair.runtime.cache import cache_dir
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", action="append", choices=sorted(TARGETS), help="run only this target (repeatable)")

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from evals.continual import accuracy_cell, nll_cell
+from evals.runners.continual import accuracy_cell, nll_cell
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ CONTINUAL_RUNS = [
 
 def recipes_table(results: Path) -> str:
     """Base and each recipe's fine-tune: intruders, accuracy, forgetting and its rise over the base."""
-    from evals.results import SweepReport
+    from evals.measure.results import SweepReport
 
     reports = [(r, SweepReport.model_validate_json((results / f"{r.stored}.json").read_text())) for r in RECIPE_RUNS]
     base = reports[0][1].base
@@ -106,8 +106,8 @@ def recipes_table(results: Path) -> str:
 
 
 def _rank_reports(folder: Path):
-    from evals.comparison import CompareReport
-    from repair.figures import FiguresReport
+    from evals.runners.comparison import CompareReport
+    from repair.figures.curves import FiguresReport
 
     figures = FiguresReport.model_validate_json((folder / "figures.json").read_text())
     compare = CompareReport.model_validate_json((folder / "compare.json").read_text())
@@ -116,7 +116,7 @@ def _rank_reports(folder: Path):
 
 def rank_sweep_table(folder: Path) -> str:
     """One row per fine-tune of the rank sweep, then Spearman's ρ of intruders against forgetting."""
-    from evals.across import spearman
+    from evals.runners.across import spearman
 
     figures, compare = _rank_reports(folder)
     lines = ["| fine-tune | accuracy | intruders (k=10, ε=0.5) | at ε = 0.8 / 0.9 | forgetting NLL | "
@@ -143,7 +143,7 @@ def rank_sweep_table(folder: Path) -> str:
 def rank_sweep_plots(folder: Path) -> None:
     """Fig. 9 (forgetting against rank, one line per α rule, full fine-tuning as a line), Fig. 6 (effective
     rank of ΔW against rank), and Fig. 5 and 11 (one curve per fine-tune), from the stored figures.json."""
-    from repair.figures import plot_counts, pyplot, save_figure
+    from repair.figures.curves import plot_counts, pyplot, save_figure
 
     figures, _ = _rank_reports(folder)
     plot_counts(figures.adapters, folder)  # Fig. 5 and 11 again, from the stored curves
@@ -166,8 +166,8 @@ def rank_sweep_plots(folder: Path) -> None:
 
 
 def continual_table(folder: Path) -> str:
-    """The three continual-learning runs, one row per stage (evals.continual.markdown_table)."""
-    from evals.continual import ContinualReport, markdown_table
+    """The three continual-learning runs, one row per stage (evals.runners.continual.markdown_table)."""
+    from evals.runners.continual import ContinualReport, markdown_table
 
     reports = [(r.label, ContinualReport.model_validate(json.loads((folder / f"{r.name}.json").read_text())))
                for r in CONTINUAL_RUNS]

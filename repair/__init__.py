@@ -1,7 +1,8 @@
 """intruder-repair: detect and repair intruder dimensions in LoRA fine-tuned models.
 
 The Python API (see the README): ``detect``, ``patch``, ``detect_model``, ``patch_model`` and
-``IntruderMonitor``; ``evals`` has ``sweep`` and ``compare``. They are imported on first use, so
+``IntruderMonitor``; ``resolve`` (a model reference to its local folder) and ``demo_dir`` (the
+bundled demo adapter); ``evals`` has ``sweep`` and ``compare``. They are imported on first use, so
 importing the package (and ``repair --help``) stays instant.
 """
 
@@ -15,8 +16,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 _EXPORTS = {  # public name -> module that defines it
     "detect": "repair.api", "patch": "repair.api", "detect_model": "repair.api", "patch_model": "repair.api",
-    "IntruderMonitor": "repair.monitor", "DetectOptions": "repair.detector", "DetectionReport": "repair.report",
-    "PatchReport": "repair.report", "LivePatchReport": "repair.report", "RepairError": "repair.errors",
+    "IntruderMonitor": "repair.train.monitor", "DetectOptions": "repair.detection.detector", "DetectionReport": "repair.detection.report",
+    "PatchReport": "repair.detection.report", "LivePatchReport": "repair.detection.report", "RepairError": "repair.errors",
+    "resolve": "repair.io.sources", "demo_dir": "repair.io.sources",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -9,14 +9,13 @@ CLI's defaults; ``revision`` and ``token`` apply to hub ids).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Literal
 
 from typing_extensions import TypedDict, Unpack
 
-from .detector import DetectOptions
-from .report import DetectionReport, LivePatchReport, PatchReport
+from repair.detection.detector import detect_options
+from repair.detection.report import DetectionReport, LivePatchReport, PatchReport
 
 
 class DetectKwargs(TypedDict, total=False):
@@ -36,25 +35,9 @@ class DetectKwargs(TypedDict, total=False):
     token: str | None
 
 
-def detect_options(options: dict, model=None) -> DetectOptions:
-    """``DetectOptions`` from keyword options, validated; an unknown name is a TypeError naming the valid ones.
-
-    For a live ``model`` the default device is the one its weights are on.
-    """
-    names = {f.name for f in dataclasses.fields(DetectOptions)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(names))}.")
-    if model is not None and "device" not in options:
-        options = {**options, "device": str(next(model.parameters()).device)}
-    opts = DetectOptions(**options)
-    opts.validate()
-    return opts
-
-
 def detect(base: str, tuned: str, **options: Unpack[DetectKwargs]) -> DetectionReport:
     """Intruder dimensions of ``tuned`` (a LoRA adapter or a full checkpoint) against ``base``: ``repair detect``."""
-    from .detector import detect as run
+    from repair.detection.detector import detect as run
 
     return run(str(base), str(tuned), detect_options(options))
 
@@ -63,8 +46,8 @@ def patch(base: str, tuned: str, scale: float, out: str | Path, *, format: Liter
           max_shard_size: int = 5 * 10**9, plan: str | Path | None = None, allow_amplify: bool = False,
           overwrite: bool = False, per_matrix: int | None = None, **options: Unpack[DetectKwargs]) -> PatchReport:
     """Rescale the intruders of ``tuned`` by ``scale`` and write the checkpoint to ``out``: ``repair patch``."""
-    from .patcher import PatchOptions
-    from .patcher import patch as run
+    from repair.edit.patcher import PatchOptions
+    from repair.edit.patcher import patch as run
 
     opts = PatchOptions(out=Path(out), scale=scale, detect=detect_options(options), format=format,
                         max_shard_size=max_shard_size, plan=Path(plan) if plan is not None else None,
@@ -78,8 +61,8 @@ def detect_model(model, **options: Unpack[DetectKwargs]) -> DetectionReport:
     The report equals ``detect`` on the base folder and the saved adapter; base spectra are cached
     by content hash as for files.
     """
-    from .detector import detect_source
-    from .live import LivePairSource
+    from repair.adapters.live import LivePairSource
+    from repair.detection.detector import detect_source
 
     opts = detect_options(options, model)
     src = LivePairSource(model, opts.modules, opts.spectra())
@@ -97,8 +80,8 @@ def patch_model(model, scale: float, *, merge: bool = False, adapter_name: str |
     the base weights and the adapter unloaded; the returned model is the base model, as from
     ``merge_and_unload()``.
     """
-    from .live_edit import patch_live
-    from .plan import check_per_matrix, check_scale
+    from repair.edit.live_edit import patch_live
+    from repair.edit.plan import check_per_matrix, check_scale
 
     check_scale(scale, allow_amplify, "scale")
     check_per_matrix(per_matrix)

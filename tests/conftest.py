@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,21 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _isolate_caches() -> None:
+    """Every cache the suite touches lives in a folder of this run's own (subprocesses inherit it), so no test
+    reads or writes the user's ~/.cache and no result depends on what an earlier run left there.
+    ``INTRUDER_REPAIR_TEST_CACHE=DIR`` reuses DIR as the tool's cache instead (the embedded model is then
+    converted once, not once per run)."""
+    scratch = Path(tempfile.mkdtemp(prefix="intruder-repair-tests-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    os.environ["INTRUDER_REPAIR_CACHE"] = os.environ.get("INTRUDER_REPAIR_TEST_CACHE") or str(scratch / "cache")
+    os.environ["HF_HOME"] = str(scratch / "hf")  # hub, datasets and lm-eval caches
+    os.environ["XDG_CACHE_HOME"] = str(scratch / "xdg")
+
+
+_isolate_caches()
 
 
 def tiny_llama(seed: int = 0):

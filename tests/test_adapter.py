@@ -6,8 +6,8 @@ import pytest
 from conftest import make_adapter, merged_state, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 
-from repair.pairs import PairSource
-from repair.sources import resolve
+from repair.adapters.pairs import PairSource
+from repair.io.sources import resolve
 
 CASES = {
     "gpt2_conv1d_fan_in_fan_out": (tiny_gpt2, "gpt2_base",
@@ -52,7 +52,7 @@ def test_gpt2_pairs_are_transposed(gpt2_base, tmp_path):
 
 
 def test_rank_pattern_is_resolved_per_module(llama_base, tmp_path):
-    from repair.adapter import LoraAdapter
+    from repair.adapters.lora import LoraAdapter
 
     kwargs = CASES["llama_rank_alpha_pattern"][2]
     adapter = LoraAdapter(make_adapter(tiny_llama, llama_base, tmp_path / "a", **kwargs))

@@ -127,7 +127,7 @@ def test_live_refusals_are_the_file_paths_sentences(tmp_path):
     live = live_adapter(tiny_llama, tmp_path / "a", r=2, lora_alpha=4, target_modules=["q_proj"])
     with pytest.raises(TypeError, match="unknown option.*topk.*expected some of"):
         repair.detect_model(live, topk=3)
-    with pytest.raises(RepairError, match="--epsilon"):
+    with pytest.raises(RepairError, match="^epsilon: expected a number in"):
         repair.detect_model(live, epsilon=2.0)
     with pytest.raises(RepairError, match="expected λ in"):
         repair.patch_model(live, 1.5)
@@ -161,9 +161,10 @@ def cli_defaults(command, *required: str) -> dict:
 
 def test_api_defaults_are_the_cli_defaults():
     from evals import api as evals_api
-    from repair import api, cli
-    from repair.detector import DetectOptions
-    from repair.writer import parse_size
+    from repair import api
+    from repair.cli import commands as cli
+    from repair.detection.detector import DetectOptions
+    from repair.io.writer import parse_size
 
     assert set(api.DetectKwargs.__annotations__) == {f.name for f in dataclasses.fields(DetectOptions)}
     detect_cli = cli_defaults(cli.detect, "B", "T")
@@ -171,7 +172,7 @@ def test_api_defaults_are_the_cli_defaults():
         if f.name == "cache":
             assert f.default is True and detect_cli["no_cache"] is False
         elif f.name == "method":
-            assert f.default == "auto" and detect_cli["method"] is None  # None means auto (see cli_options.method_of)
+            assert f.default == "auto" and detect_cli["method"] is None  # None means auto (see repair.cli.options.method_of)
         elif f.name == "batch_bytes":
             continue  # not a CLI option
         else:

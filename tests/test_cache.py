@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from repair.cli import main
-from repair.detector import DetectOptions, detect
-from repair.pipeline import ordered_batches, ordered_map
+from repair.detection.detector import DetectOptions, detect
+from repair.runtime.pipeline import ordered_batches, ordered_map
 from repair.spectral.spectra import compute_spectrum, tensor_key
 from repair.spectral.store import SpectraCache
 
@@ -124,9 +126,10 @@ def test_large_items_run_alone_on_every_thread_in_order():
             assert overlap == 1  # nothing else was running
 
 
-def test_adapter_settings_are_remembered_without_peft(llama_base, llama_adapter, cache_dir):
-    from repair.adapter import LoraAdapter
+def test_adapter_settings_are_remembered_without_peft(llama_base, llama_adapter, cache_dir, tmp_path):
+    from repair.adapters.lora import LoraAdapter
 
+    llama_adapter = Path(shutil.copytree(llama_adapter, tmp_path / "adapter"))  # edited below: never the shared one
     first = LoraAdapter(llama_adapter, settings_cache=cache_dir / "adapters")
     assert not first.settings_known
     modules = first.modules  # resolved by peft and stored
@@ -142,7 +145,7 @@ def test_adapter_settings_are_remembered_without_peft(llama_base, llama_adapter,
 def test_warm_detect_does_not_import_peft(llama_base, llama_adapter, cache_dir):
     import subprocess
 
-    code = ("import sys; from repair.detector import detect; detect(sys.argv[1], sys.argv[2]); "
+    code = ("import sys; from repair.detection.detector import detect; detect(sys.argv[1], sys.argv[2]); "
             "print('peft' in sys.modules)")
     runs = [subprocess.run([sys.executable, "-c", code, str(llama_base), str(llama_adapter)], capture_output=True,
                            text=True, check=True).stdout.split()[-1] for _ in range(2)]

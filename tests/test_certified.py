@@ -139,7 +139,7 @@ def save_pair(folder, W0, B, A):
 @pytest.mark.parametrize("offset", [-2e-3, -5e-4, 5e-4, 2e-3])
 def test_clustered_base_and_intruder_near_epsilon(offset, tmp_path, monkeypatch):
     """A correct certificate, or a recorded fallback to the exact path: never a wrong answer."""
-    from repair.detector import DetectOptions, detect
+    from repair.detection.detector import DetectOptions, detect
 
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
     W0, B, A = clustered(offset)
@@ -158,8 +158,8 @@ def test_clustered_base_and_intruder_near_epsilon(offset, tmp_path, monkeypatch)
 
 def test_figure_counts_at_every_epsilon_are_exact(tmp_path, monkeypatch):
     """Figures ask for decisions at every ε: the counts equal float64's, certified or by fallback."""
-    from repair.detector import DetectOptions
-    from repair.figures import EPSILONS, collect
+    from repair.detection.detector import DetectOptions
+    from repair.figures.curves import EPSILONS, collect
 
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
     W0, B, A = random_lowrank(200, 400, 8, seed=2)
@@ -286,7 +286,7 @@ def test_gram_operator_against_float64(side, cols):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_certified_on_cuda_matches_cpu_and_float64(tmp_path, monkeypatch):
     """The certified path in float32 on CUDA: the same answers as on the CPU, checked against float64."""
-    from repair.detector import DetectOptions, detect
+    from repair.detection.detector import DetectOptions, detect
 
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
     W0, B, A = (x.float() for x in random_lowrank(400, 200, 8, seed=1))

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from conftest import make_adapter, save_model, tiny_llama
 from safetensors.torch import save_file
 
-from repair import sources
-from repair.checkpoint import CheckpointReader
 from repair.cli import main
-from repair.detector import detect
+from repair.detection.detector import detect
 from repair.errors import CheckpointError, SourceError
+from repair.io import sources
+from repair.io.checkpoint import CheckpointReader
 
 
 def test_sharded_checkpoint_reads_like_single_file(llama_base, llama_adapter, tmp_path):

@@ -158,7 +158,7 @@ def test_finetune_and_continual_refuse_each_others_recipes(llama_base, tmp_path)
 
 def test_set_overrides_a_recipe_field(llama_base, tmp_path):
     from repair.errors import RepairError
-    from repair.recipe import load_recipe
+    from repair.train.recipe import load_recipe
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(stages_recipe(llama_base)))

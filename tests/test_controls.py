@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from conftest import tiny_llama
 
-from evals import stats
+from evals.measure import stats
 from repair.cli import main
-from repair.detector import DetectOptions
-from repair.inplace import InPlacePatcher
+from repair.detection.detector import DetectOptions
+from repair.edit.inplace import InPlacePatcher
 
 
 def _patcher(base, adapter, control, per_matrix=None):
@@ -104,7 +104,7 @@ def test_per_matrix_keeps_the_top_ranked_intruder(llama_base, llama_adapter, tmp
     reports; the plan written with --per-matrix 1 lists the same."""
     from transformers import AutoModelForCausalLM
 
-    from repair.detector import detect
+    from repair.detection.detector import detect
 
     report = detect(str(llama_base), str(llama_adapter))
     expected = {m.name: [min(m.intruders)] for m in report.matrices if m.intruders}

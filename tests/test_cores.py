@@ -1,4 +1,4 @@
-"""Cores shared between a large matrix's products and background work (repair/cores.py)."""
+"""Cores shared between a large matrix's products and background work (repair/runtime/cores.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from repair import cores
-from repair.pipeline import in_background, ordered_map
+from repair.runtime import cores
+from repair.runtime.pipeline import in_background, ordered_map
 
 
 def test_large_matrix_leaves_a_core_to_each_background_job():

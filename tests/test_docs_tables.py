@@ -2,7 +2,7 @@
 
 ``recipes/reproduce.py`` runs each target and keeps its sweep JSON under ``recipes/results/``; here its
 ``--check`` logic renders every marked region's table and control verdict from that JSON with
-``evals.results.markdown_table`` (what ``repair sweep`` prints) and compares them with the docs, so a
+``evals.measure.results.markdown_table`` (what ``repair sweep`` prints) and compares them with the docs, so a
 number edited by hand, or a renderer change not carried into the docs, fails CI.
 """
 
@@ -61,7 +61,7 @@ def test_a_whole_region_target_is_caught_and_rewritten(tmp_path, monkeypatch):
 
 
 def test_a_finished_training_run_is_reused_only_for_the_same_recipe(tmp_path):
-    from repair.recipe import load_recipe
+    from repair.train.recipe import load_recipe
 
     r = reproduce()
     recipe = "recipes/smollm2-addition-lora-sweep.yaml"
@@ -77,7 +77,7 @@ def test_a_finished_training_run_is_reused_only_for_the_same_recipe(tmp_path):
 
 
 def test_the_rank_sweep_trains_what_its_labels_say():
-    from repair.recipe import load_recipe
+    from repair.train.recipe import load_recipe
 
     r = reproduce()
     runs = [c for c in r.TARGETS["rank-sweep"].commands if c[0] == "finetune" and "--set" in c]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from test_linalg_detector import planted
 
-from repair.detector import find_intruders
-from repair.editor import apply_patch, extend_lora, make_patch, truncation_error
+from repair.detection.detector import find_intruders
+from repair.edit.editor import apply_patch, extend_lora, make_patch, truncation_error
 
 
 @pytest.fixture()

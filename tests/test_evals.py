@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 from conftest import CORPUS, char_tokenizer, tiny_llama
 
-from evals.corpus import load_corpus, read_documents
-from evals.forgetting import causal_nll, pseudo_nll
+from evals.measure.corpus import load_corpus, read_documents
+from evals.measure.forgetting import causal_nll, pseudo_nll
 from repair.cli import main
 
 
@@ -113,8 +113,8 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
     assert one["accuracy"] == report["tuned"]["accuracy"] and report["base"]["forgetting_delta"] == 0.0
     assert one["intruders"] == report["total_intruders"] > report["points"][0]["intruders"]
     # intruders left at λ=0 are counted without a new SVD; a real detection on the patched checkpoint agrees
-    from repair.detector import detect
-    from repair.patcher import PatchOptions, patch
+    from repair.detection.detector import detect
+    from repair.edit.patcher import PatchOptions, patch
 
     patch(str(llama_base), str(llama_adapter), PatchOptions(out=tmp_path / "zero", scale=0.0))
     assert detect(str(llama_base), str(tmp_path / "zero")).total_intruders == report["points"][0]["intruders"]
@@ -157,8 +157,8 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
 
 
 def test_pick_rule():
-    from evals.results import SweepPoint
-    from evals.sweeper import choose
+    from evals.measure.results import SweepPoint
+    from evals.runners.sweeper import choose
 
     def pt(scale, acc, nll):
         return SweepPoint(label=str(scale), scale=scale, accuracy=acc, forgetting_nll=nll, forgetting_delta=0,
@@ -197,7 +197,7 @@ def test_compare_table(llama_base, llama_adapter, mc_task, corpus_file, tmp_path
 def test_shipped_zorblax_tasks_are_the_generator_output(task, tmp_path):
     from importlib import resources
 
-    from evals.taskgen import GENERATORS, materialize_task, write_jsonl
+    from repair.train.taskgen import GENERATORS, materialize_task, write_jsonl
 
     write_jsonl(GENERATORS[task]("test", 500), tmp_path / "regen.jsonl")
     shipped = resources.files("evals.tasks") / f"{task}_test.jsonl"
@@ -214,7 +214,7 @@ def test_shipped_zorblax_tasks_are_the_generator_output(task, tmp_path):
 
 
 def test_zorblax_tasks_share_operands_and_differ_in_the_operator_word():
-    from evals.taskgen import GENERATORS
+    from repair.train.taskgen import GENERATORS
 
     rows = {t: GENERATORS[t]("train", 50) for t in ("addition", "difference", "joining")}
     strip = {t: [re.sub(r" z[a-z]p ", " OP ", r["prompt"]) for r in rs] for t, rs in rows.items()}

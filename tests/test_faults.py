@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from repair.cli import main
-from repair.durable import TMP_MARKER
+from repair.runtime.durable import TMP_MARKER
 
 WRITE_MODES = set("wax+")
 
@@ -72,11 +72,11 @@ def injected(faults: Faults):
     """Route open-for-writing, fsync, rename/replace, file copies and safetensors writes through ``faults``."""
     import safetensors.torch
 
-    import repair.durable
-    import repair.writer
+    import repair.io.writer
+    import repair.runtime.durable
 
     real_open, real_fsync, real_replace, real_rename = builtins.open, os.fsync, os.replace, os.rename
-    real_copy, real_save, real_exchange = shutil.copyfile, safetensors.torch.save_file, repair.durable._exchange
+    real_copy, real_save, real_exchange = shutil.copyfile, safetensors.torch.save_file, repair.runtime.durable._exchange
 
     def fake_open(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
@@ -92,8 +92,8 @@ def injected(faults: Faults):
                (os, "replace", counted(real_replace, "replace")), (os, "rename", counted(real_rename, "rename")),
                (shutil, "copyfile", counted(real_copy, "copyfile")),
                (safetensors.torch, "save_file", counted(real_save, "save_file")),
-               (repair.writer, "save_file", counted(real_save, "save_file")),
-               (repair.durable, "_exchange", counted(real_exchange, "exchange"))]
+               (repair.io.writer, "save_file", counted(real_save, "save_file")),
+               (repair.runtime.durable, "_exchange", counted(real_exchange, "exchange"))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, new in patches:
         setattr(obj, name, new)

@@ -19,7 +19,7 @@ from test_structured import reference
 
 from repair.cli import main
 from repair.errors import SourceError
-from repair.sources import resolve
+from repair.io.sources import resolve
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, VOCAB = 64, 4, 2, 96, 2, 48
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -116,7 +116,7 @@ def test_gguf_file_is_dequantized_once_into_the_weights_it_holds(tmp_path, cache
             assert torch.equal(got[name], want.reshape(t.shape)), name
         else:
             assert torch.equal(got[name], t), name  # q/k: permuted on write, reverse-permuted by transformers
-    from repair import sources
+    from repair.io import sources
 
     monkeypatch.setattr(sources, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert resolve(str(tmp_path / "base.gguf")).path == folder  # cached by content

@@ -68,7 +68,7 @@ def test_detect_and_patch_on_cuda_equal_the_cpu(llama_base, llama_adapter, tmp_p
 
 def _split_over_cuda_and_cpu(self, folder):
     """Embeddings and layer 0 on the GPU, the rest on the CPU: a model that accelerate has spread."""
-    from evals.models import DTYPES as DT
+    from evals.measure.models import DTYPES as DT
 
     layout = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
               "model.norm": "cpu", "lm_head": "cpu"}
@@ -78,7 +78,7 @@ def _split_over_cuda_and_cpu(self, folder):
 def test_sweep_on_cuda_and_on_a_split_model_equal_the_cpu(llama_base, llama_adapter, mc_task, corpus_file, tmp_path,
                                                           monkeypatch):
     """In-place λ edits and the measurements on one GPU, and on a model spread over the GPU and the CPU."""
-    from evals.models import Placement
+    from evals.measure.models import Placement
 
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
     points = {}

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from repair.cli import main
 from repair.errors import SourceError
-from repair.sources import HUB_PATTERNS, PICKLE_PATTERNS, HubOptions, resolve
+from repair.io.sources import HUB_PATTERNS, PICKLE_PATTERNS, HubOptions, resolve
 
 
 @pytest.fixture

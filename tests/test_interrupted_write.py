@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_adapter, save_model
 
-from repair.durable import TMP_MARKER
+from repair.runtime.durable import TMP_MARKER
 
 
 def medium_llama():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repair.detector import find_intruders
+from repair.detection.detector import find_intruders
 from repair.spectral.linalg import effective_rank, lowrank_singular_values, svd
 
 

@@ -64,8 +64,8 @@ def test_two_tasks_with_lm_eval_flags_equal_simple_evaluate(chat_base, llama_ada
     λ = 0 (the sweep's own --write-picked checkpoint, which holds exactly the weights it measured)."""
     from transformers import AutoModelForCausalLM
 
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     out = tmp_path / "sw"
     flags = ["--num-fewshot", "2", "--apply-chat-template", "--seed", "1", "--limit", "8"]
@@ -253,7 +253,7 @@ def test_base_samples_are_drawn_through_the_chat_template(chat_base, tmp_path, m
     the same draws as transformers' `generate` from `apply_chat_template`'s ids, cached apart from plain ones."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evals.corpus import load_corpus
+    from evals.measure.corpus import load_corpus
 
     monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(str(chat_base))
@@ -278,7 +278,8 @@ def test_gen_kwargs_are_parsed_as_lm_eval_parses_them(llama_base, llama_adapter,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    yaml = mc_task.parent / "tiny_gen.yaml"
+    yaml = tmp_path / "tasks" / "tiny_gen.yaml"  # beside the test, never in the shared mc_task folder
+    yaml.parent.mkdir()
     yaml.write_text(mc_task.read_text().replace("task: tiny_add", "task: tiny_gen")
                     .replace("output_type: multiple_choice", "output_type: generate_until")
                     .replace("doc_to_choice: '{{choices}}'\ndoc_to_target: answer", "doc_to_target: '{{choices[0]}}'")
@@ -300,7 +301,7 @@ def test_gen_kwargs_are_parsed_as_lm_eval_parses_them(llama_base, llama_adapter,
 
 def test_metric_under_a_filter_is_read():
     """gsm8k-style results (metrics only under named filters) give the first filter's metric and stderr."""
-    from evals.accuracy import _pick_metric
+    from evals.measure.accuracy import _pick_metric
 
     results = {"alias": "g", "exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.05,
                "exact_match,flexible-extract": 0.5, "exact_match_stderr,flexible-extract": 0.06}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_structured import reference
 
 from repair.cli import main
-from repair.detector import DetectOptions
+from repair.detection.detector import DetectOptions
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

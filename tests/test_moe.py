@@ -120,8 +120,8 @@ def test_in_place_edits_of_per_expert_tensors_reach_the_fused_parameter(moe, tmp
     of the patched checkpoint; restore() gives the merge back exactly."""
     from transformers import AutoModelForCausalLM
 
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     def params(model) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -153,7 +153,7 @@ def test_fused_3d_tensors_are_named_as_not_analysed(tmp_path, caplog):
         (tmp_path / name).mkdir()
         save_file({"model.layers.0.mlp.experts.down_proj": fused + shift,
                    "model.layers.0.self_attn.q_proj.weight": W + shift}, tmp_path / name / "model.safetensors")
-    with caplog.at_level(logging.WARNING, logger="repair.pairs"):
+    with caplog.at_level(logging.WARNING, logger="repair.adapters.pairs"):
         res = CliRunner().invoke(main, ["detect", str(tmp_path / "base"), str(tmp_path / "tuned"), "--no-cache"])
     assert res.exit_code == 0, res.output
     assert "1 3-D tensors (e.g. model.layers.0.mlp.experts.down_proj) are not analysed: no transformers experts " \
@@ -258,8 +258,8 @@ def test_patched_fused_experts_are_written_back_in_their_layout(fused, tmp_path)
 
 
 def test_in_place_edits_reach_the_fused_parameter(fused, tmp_path):
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     opts = DetectOptions(top_k=4, side="both", cache=False)
     model = tiny_gpt_oss(seed=9)

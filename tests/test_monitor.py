@@ -90,5 +90,5 @@ def test_stop_above_ends_training(tmp_path):
 def test_bad_monitor_options_fail_before_training():
     with pytest.raises(RepairError, match="every"):
         repair.IntruderMonitor(every=0)
-    with pytest.raises(RepairError, match="--top-k"):
+    with pytest.raises(RepairError, match="^top_k: expected an integer"):
         repair.IntruderMonitor(top_k=0)

@@ -11,12 +11,12 @@ from conftest import make_adapter, merged_state, tiny_gpt2, tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from repair.checkpoint import file_sha256
+from repair.adapters.pairs import PairSource
 from repair.cli import main
-from repair.detector import DetectOptions
-from repair.pairs import PairSource
-from repair.patcher import PatchOptions, patch
-from repair.sources import resolve
+from repair.detection.detector import DetectOptions
+from repair.edit.patcher import PatchOptions, patch
+from repair.io.checkpoint import file_sha256
+from repair.io.sources import resolve
 
 MODELS = {"llama": (tiny_llama, "llama_base", ["q_proj", "v_proj", "down_proj"], {}),
           "gpt2": (tiny_gpt2, "gpt2_base", ["c_attn", "c_fc"], {"fan_in_fan_out": True}),
@@ -243,7 +243,7 @@ def test_output_folder_rules(llama_base, llama_adapter, tmp_path):
 
 
 def test_failed_write_leaves_nothing(llama_base, llama_adapter, tmp_path, monkeypatch):
-    from repair import writer
+    from repair.io import writer
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from repair.detector import DetectOptions, analyse
-from repair.pairs import PairSource
-from repair.sources import resolve
+from repair.adapters.pairs import PairSource
+from repair.detection.detector import DetectOptions, analyse
+from repair.io.sources import resolve
 
 # the oracle: peft's own function, first shipped in peft 0.19 (the runtime floor is lower; see pyproject.toml)
 pytest.importorskip("peft.tuners.lora.intruders", reason="peft's reduce_intruder_dimension needs peft >= 0.19")
@@ -101,7 +101,7 @@ def test_adapter_output_equals_peft_where_truncation_is_lossless(tmp_path):
 
     from peft import PeftModel
 
-    from repair.patcher import PatchOptions, patch
+    from repair.edit.patcher import PatchOptions, patch
 
     report = patch(str(base), str(adapter), PatchOptions(out=tmp_path / "ours", scale=0.5, format="adapter"))
     assert report.patched_matrices == 2 and all(m.intruders == [0] for m in report.matrices)
@@ -114,7 +114,7 @@ def test_adapter_output_equals_peft_where_truncation_is_lossless(tmp_path):
 
 def test_report_measures_peft_truncation_gap(llama_base, llama_adapter, tmp_path):
     """Where peft's truncation is lossy, the report's figure equals the error peft really makes."""
-    from repair.patcher import PatchOptions, patch
+    from repair.edit.patcher import PatchOptions, patch
 
     lam = 0.5
     report = patch(str(llama_base), str(llama_adapter), PatchOptions(out=tmp_path / "o", scale=lam, format="adapter"))

@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repair.detector import find_intruders
-from repair.editor import apply_patch, make_patch
+from repair.detection.detector import find_intruders
+from repair.edit.editor import apply_patch, make_patch
 from repair.spectral.linalg import svd
 
 DTYPES = st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16])

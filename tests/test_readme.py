@@ -21,12 +21,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def python_api_blocks() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    page = (ROOT / "docs" / "python-api.md").read_text()
+    return re.findall(r"```python\n(.*?)```", page, flags=re.S)
 
 
-def test_the_readme_has_the_three_python_examples():
+def test_the_python_api_page_has_the_three_examples():
     blocks = python_api_blocks()
     assert len(blocks) == 3
     assert "repair.detect(" in blocks[0] and "repair.detect_model(" in blocks[1] and "IntruderMonitor" in blocks[2]
@@ -34,7 +33,7 @@ def test_the_readme_has_the_three_python_examples():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["files", "live-model", "trainer-monitor"])
-def test_readme_python_examples_run(index, tmp_path):
+def test_python_api_examples_run(index, tmp_path):
     """Each example as a user would paste it: a fresh interpreter in an empty folder, offline."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     res = subprocess.run([sys.executable, "-c", python_api_blocks()[index]], cwd=tmp_path, env=env,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from repair.cli import main
 from repair.errors import RepairError
-from repair.recipe import load_recipe
+from repair.train.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_recipe_bad_yaml_via_cli(tmp_path):
 
 
 def test_alpha_2r():
-    from repair.recipe import LoraRecipe
+    from repair.train.recipe import LoraRecipe
 
     assert LoraRecipe(r=4, target_modules=["q_proj"]).lora_alpha == 8.0
     assert LoraRecipe(r=4, alpha=16, target_modules=["q_proj"]).lora_alpha == 16.0
@@ -137,8 +137,8 @@ def test_figures_on_a_tiny_pair(llama_base, tmp_path):
 
 
 def test_intruder_curves_count_what_detect_counts(llama_base, llama_adapter):
-    from repair.detector import DetectOptions, detect
-    from repair.figures import collect
+    from repair.detection.detector import DetectOptions, detect
+    from repair.figures.curves import collect
 
     stats = collect(str(llama_base), str(llama_adapter), 10, 20, DetectOptions())
     for eps in (0.3, 0.5, 0.7):
@@ -149,8 +149,8 @@ def test_intruder_curves_count_what_detect_counts(llama_base, llama_adapter):
 
 
 def test_bundled_demo_adapter_matches_its_recipe():
-    from repair.adapter import LoraAdapter
-    from repair.demo import demo_dir
+    from repair.adapters.lora import LoraAdapter
+    from repair.io.sources import demo_dir
 
     d = demo_dir()
     assert (d / "recipe.yaml").read_text() == (ROOT / "recipes" / "smollm2-addition-lora-r1-a16.yaml").read_text()
@@ -165,8 +165,8 @@ def test_bundled_demo_adapter_matches_its_recipe():
 
 
 def test_demo_retrain_uses_the_bundled_recipe(monkeypatch, tmp_path):
-    import repair.finetune
-    from repair import demo
+    import repair.train.finetune
+    from repair.cli import demo
 
     seen = {}
 
@@ -174,7 +174,7 @@ def test_demo_retrain_uses_the_bundled_recipe(monkeypatch, tmp_path):
         seen.update(recipe=recipe, out=out, overwrite=overwrite)
         return out / "adapter"
 
-    monkeypatch.setattr(repair.finetune, "finetune", fake_finetune)
+    monkeypatch.setattr(repair.train.finetune, "finetune", fake_finetune)
     assert demo._retrain(tmp_path) == tmp_path / "retrained" / "adapter"
     assert seen["recipe"] == load_recipe(ROOT / "recipes" / "smollm2-addition-lora-r1-a16.yaml")
     assert seen["out"] == tmp_path / "retrained" and seen["overwrite"]
@@ -187,7 +187,7 @@ def test_jsonl_data_path_is_relative_to_the_recipe(llama_base, tmp_path):
     d["train"].update(steps=2, save_steps=[])
     recipe = load_recipe(write(tmp_path, d))
     assert recipe.data.jsonl == (tmp_path / "data.jsonl").resolve()
-    from repair.finetune import training_rows
+    from repair.train.finetune import training_rows
 
     assert training_rows(recipe.data) == rows
     res = CliRunner().invoke(main, ["finetune", str(write(tmp_path, d)), "--out", str(tmp_path / "o")])
@@ -219,8 +219,8 @@ def test_figures_across_fine_tunes_with_forgetting(llama_base, corpus_file, tmp_
     from peft import PeftModel
     from test_evals import direct_nll
 
-    from evals.corpus import load_corpus
-    from repair.detector import DetectOptions, detect
+    from evals.measure.corpus import load_corpus
+    from repair.detection.detector import DetectOptions, detect
 
     adapters = [make_adapter(tiny_llama, llama_base, tmp_path / f"a{i}", seed=i, r=4, lora_alpha=8, b_scale=b,
                              target_modules=["q_proj", "v_proj", "down_proj"])

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from repair.cli import main
-from repair.durable import TMP_MARKER
+from repair.runtime.durable import TMP_MARKER
 
 
 def sharded(base: Path, dest: Path) -> Path:
@@ -124,7 +124,7 @@ def test_reports_respect_the_umask(llama_base, llama_adapter, tmp_path, umask):
 
 
 def test_overwrite_swaps_the_folder_in_one_rename(tmp_path, monkeypatch):
-    from repair import durable
+    from repair.runtime import durable
 
     out = tmp_path / "out"
     out.mkdir()
@@ -144,7 +144,7 @@ def test_overwrite_swaps_the_folder_in_one_rename(tmp_path, monkeypatch):
 
 
 def _exchange_works(tmp_path: Path) -> bool:
-    from repair import durable
+    from repair.runtime import durable
 
     a, b = tmp_path / "xa", tmp_path / "xb"
     a.mkdir()
@@ -157,17 +157,17 @@ def _exchange_works(tmp_path: Path) -> bool:
 
 
 def test_an_out_created_during_the_run_is_never_replaced(llama_base, llama_adapter, tmp_path, monkeypatch):
-    import repair.writer
+    import repair.io.writer
 
     out = tmp_path / "out"
-    real = repair.writer.TensorWriter.finalize
+    real = repair.io.writer.TensorWriter.finalize
 
     def meanwhile(self):  # someone else writes to --out while the patch runs
         out.mkdir(exist_ok=True)
         (out / "theirs.txt").write_text("mine")
         return real(self)
 
-    monkeypatch.setattr(repair.writer.TensorWriter, "finalize", meanwhile)
+    monkeypatch.setattr(repair.io.writer.TensorWriter, "finalize", meanwhile)
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--out", str(out)])
     assert res.exit_code == 2 and "something was written there during the run" in res.output
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
@@ -244,8 +244,8 @@ def test_three_processes_share_a_fresh_cache_with_one_killed(tmp_path):
 def test_negative_scale_gives_nonnegative_sigma_and_the_right_count(llama_base, llama_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     out = tmp_path / "neg"
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "-0.5",

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from repair.sources import ensure_embedded
+    from repair.io.sources import ensure_embedded
 
     return ensure_embedded("smollm2-135m")
 
@@ -75,7 +75,7 @@ def test_patched_embedded_default_still_generates(smollm2, smollm2_adapter, tmp_
 
 
 def test_five_point_sweep_on_embedded_default(tmp_path):
-    from repair.demo import demo_dir
+    from repair.io.sources import demo_dir
 
     out = tmp_path / "sweep"
     res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0,0.25,0.5,0.75,1",
@@ -107,8 +107,8 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_certified_equals_exact_on_embedded_default(k):
     """The demo adapter on SmolLM2 (all 210 matrices): the certified path decides every ε in one run, with
     the same intruders as the exact path and every exact max|cos| inside its bounds."""
-    from repair.demo import demo_dir
-    from repair.detector import DetectOptions, analyse
+    from repair.detection.detector import DetectOptions, analyse
+    from repair.io.sources import demo_dir
 
     eps = (0.3, 0.5, 0.7, 0.9)
     exact_opts = DetectOptions(top_k=k, method="exact", cache=False)
@@ -128,7 +128,7 @@ def test_certified_equals_exact_on_embedded_default(k):
 
 def test_sweep_with_device_map_auto_equals_single_device(tmp_path):
     """The model spread by accelerate (device_map="auto", all on the CPU here) measures the same numbers."""
-    from repair.demo import demo_dir
+    from repair.io.sources import demo_dir
 
     points = {}
     for label, extra in (("single", []), ("mapped", ["--device-map", "auto"])):
@@ -151,7 +151,7 @@ def test_live_demo_model_gives_what_the_folders_give(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import repair
-    from repair.demo import demo_dir
+    from repair.io.sources import demo_dir
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smollm2)), str(demo_dir()))
     live = repair.detect_model(model)

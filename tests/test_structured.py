@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from repair.detector import find_intruders, tuned_topks
-from repair.pairs import MatrixPair
+from repair.adapters.pairs import MatrixPair
+from repair.detection.detector import find_intruders, tuned_topks
 from repair.spectral.spectra import compute_spectrum
 from repair.spectral.topk import DENSE_SIZE, dense_topk, structured_topk, structured_topk_many
 

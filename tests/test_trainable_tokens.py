@@ -40,8 +40,8 @@ def test_the_merge_replaces_the_rows_as_peft_does(tokens, tmp_path):
 
 
 def test_in_place_sweeps_load_the_rows(tokens):
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     opts = DetectOptions(top_k=4, cache=False)
     model = tiny_llama(seed=5)

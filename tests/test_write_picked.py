@@ -47,9 +47,9 @@ def test_picked_checkpoint_is_the_measured_model_near_epsilon(near_epsilon, mc_t
                                                               monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import repair.patcher
-    from repair.detector import DetectOptions
-    from repair.inplace import InPlacePatcher
+    import repair.edit.patcher
+    from repair.detection.detector import DetectOptions
+    from repair.edit.inplace import InPlacePatcher
 
     base, adapter, eps = near_epsilon
 
@@ -57,7 +57,7 @@ def test_picked_checkpoint_is_the_measured_model_near_epsilon(near_epsilon, mc_t
         raise AssertionError("--write-picked ran a second detection")
 
     for name in ("analyse_pairs", "solve_pairs", "prefetch"):
-        monkeypatch.setattr(repair.patcher, name, no_second_detection)
+        monkeypatch.setattr(repair.edit.patcher, name, no_second_detection)
     out = tmp_path / "sw"
     res = CliRunner().invoke(main, ["sweep", str(base), str(adapter), "--task", str(mc_task), "--limit", "4",
                                     "--forgetting", str(corpus_file), "--scales", "0,0.5", "--epsilon", f"{eps:.6f}",

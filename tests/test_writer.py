@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 
 from repair.errors import RepairError
-from repair.writer import TensorWriter, parse_size
+from repair.io.writer import TensorWriter, parse_size
 
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size("1024") == 1024
-    with pytest.raises(RepairError, match="--max-shard-size"):
+    with pytest.raises(RepairError, match="^max_shard_size: expected a size"):
         parse_size("big")
 
 

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cores import share
-from .christoffel import point_mass_bounds
-from .krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
-from .linalg import fix_signs
-from .spectra import SideName
-from .topk import degenerate_flags
-from .truncated import SEED, TruncatedSpectrum, base_tol, gram_operator, vector_errors
+from repair.runtime.cores import share
+from repair.spectral.christoffel import point_mass_bounds
+from repair.spectral.krylov import GUARD, Lanczos, Quadrature, t_mul, top_eigenpairs
+from repair.spectral.linalg import fix_signs
+from repair.spectral.spectra import SideName
+from repair.spectral.topk import degenerate_flags
+from repair.spectral.truncated import SEED, TruncatedSpectrum, base_tol, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
 STEPS = tuple(range(16, 129, 4))  # Lanczos steps per certificate, raised (continuing the run) while undecided

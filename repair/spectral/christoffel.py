@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .krylov import Quadrature
+from repair.spectral.krylov import Quadrature
 
 PIECES = 4  # pieces per gap between consecutive nodes
 REFINE = 8  # pieces cut again per column and per criterion (largest bound; largest bound over the lower end)

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .linalg import sign_rule
+from repair.spectral.linalg import sign_rule
 
 SPECTRA_VERSION = "1"  # bump when the stored content or its meaning changes
 SideName = Literal["left", "right"]

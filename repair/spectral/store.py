@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..durable import TMP_MARKER, publish_file
-from .spectra import SPECTRA_VERSION, BaseSpectrum, compute_spectrum, tensor_key
-from .truncated import TruncatedSpectrum, compute_truncated
+from repair.runtime.cache import SPECTRA, cache_path
+from repair.runtime.durable import TMP_MARKER, publish_file
+from repair.spectral.spectra import SPECTRA_VERSION, BaseSpectrum, compute_spectrum, tensor_key
+from repair.spectral.truncated import TruncatedSpectrum, compute_truncated
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,7 @@ class SpectraCache:
 
     @classmethod
     def default(cls) -> SpectraCache:
-        from ..sources import cache_dir
-
-        return cls(cache_dir() / "spectra")
+        return cls(cache_path(SPECTRA))
 
     def path(self, entry: str) -> Path:
         assert self.folder is not None

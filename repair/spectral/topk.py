@@ -21,9 +21,9 @@ from typing import Protocol
 
 import torch
 
-from .krylov import orthonormal_complement, sym
-from .linalg import fix_signs, svd
-from .spectra import BaseSpectrum, SideName
+from repair.spectral.krylov import orthonormal_complement, sym
+from repair.spectral.linalg import fix_signs, svd
+from repair.spectral.spectra import BaseSpectrum, SideName
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cores import share
-from .krylov import GUARD, t_mul, top_eigenpairs
-from .linalg import sign_rule
-from .spectra import SideName
+from repair.runtime.cores import share
+from repair.spectral.krylov import GUARD, t_mul, top_eigenpairs
+from repair.spectral.linalg import sign_rule
+from repair.spectral.spectra import SideName
 
 P_MIN = 32  # fewest base directions kept
 P_MARGIN = 16  # p >= k + r + P_MARGIN

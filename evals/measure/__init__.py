@@ -1,0 +1,1 @@
+"""Measurements: models for lm-eval, corpora, forgetting, accuracy, statistics, lm-eval files, result tables."""

@@ -1,0 +1,5 @@
+"""``python -m repair.cli``: the same as the ``repair`` command."""
+
+from repair.cli.commands import run
+
+run()
