@@ -1,27 +1,22 @@
 """The reference pages stay true: docs/cli.md equals the commands' --help, docs/outputs.md the report models,
 and every relative link in the docs points at a file (and heading) that exists."""
 
-import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "recipes" / "README.md",
          ROOT / "bench" / "README.md"]
 
 
-def generator():
-    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize("page", ["cli.md", "outputs.md"])
-def test_generated_pages_are_current(page):
-    assert (ROOT / "docs" / page).read_text() == generator().PAGES[page](), "run python docs/generate.py"
+def test_generated_pages_are_current():
+    """In a fresh interpreter, as CI and a user run it: click caches each command's help option the first time a
+    context is made for it, so a test that invoked a subcommand on its own would change --help in this one."""
+    res = subprocess.run([sys.executable, str(ROOT / "docs" / "generate.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_cli_page_covers_every_command_and_flag():

@@ -34,11 +34,16 @@ class Faults:
         self.fail_at, self.code, self.count, self.failed = fail_at, code, 0, None
         self._lock = threading.Lock()
 
-    def tick(self, what: str) -> None:
+    def tick(self, what: str, safetensors_error: bool = False) -> None:
         with self._lock:
             self.count += 1
             if self.count == self.fail_at:
                 self.failed = what
+                if safetensors_error:  # how safetensors' writer reports an I/O error: not an OSError
+                    from safetensors import SafetensorError
+
+                    raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(self.code)} "
+                                          f"(os error {self.code})")
                 raise OSError(self.code, f"{os.strerror(self.code)} (injected)", what)
 
 
@@ -72,7 +77,6 @@ def injected(faults: Faults):
     """Route open-for-writing, fsync, rename/replace, file copies and safetensors writes through ``faults``."""
     import safetensors.torch
 
-    import repair.io.writer
     import repair.runtime.durable
 
     real_open, real_fsync, real_replace, real_rename = builtins.open, os.fsync, os.replace, os.rename
@@ -82,17 +86,16 @@ def injected(faults: Faults):
         f = real_open(file, mode, *args, **kwargs)
         return _File(f, faults, str(file)) if WRITE_MODES & set(mode) else f
 
-    def counted(fn, what):
+    def counted(fn, what, safetensors_error: bool = False):
         def wrapper(*args, **kwargs):
-            faults.tick(f"{what} {args[0] if args else ''}")
+            faults.tick(f"{what} {args[0] if args else ''}", safetensors_error)
             return fn(*args, **kwargs)
         return wrapper
 
     patches = [(builtins, "open", fake_open), (io, "open", fake_open), (os, "fsync", counted(real_fsync, "fsync")),
                (os, "replace", counted(real_replace, "replace")), (os, "rename", counted(real_rename, "rename")),
                (shutil, "copyfile", counted(real_copy, "copyfile")),
-               (safetensors.torch, "save_file", counted(real_save, "save_file")),
-               (repair.io.writer, "save_file", counted(real_save, "save_file")),
+               (safetensors.torch, "save_file", counted(real_save, "save_file", safetensors_error=True)),
                (repair.runtime.durable, "_exchange", counted(real_exchange, "exchange"))]
     saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
     for obj, name, new in patches:
@@ -123,7 +126,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def check_run(res, out: Path, expected: dict[str, bytes] | None, faults: Faults) -> str:
-    """'ok' (output as undisturbed) or 'refused' (one sentence, exit 2, nothing at --out); else an assertion."""
+    """'ok' (output as undisturbed) or 'refused' (one sentence, exit 3, nothing at --out); else an assertion."""
     assert res.exception is None or isinstance(res.exception, SystemExit), (faults.failed, res.exception)
     assert leftovers(out.parent) == [], faults.failed
     if res.exit_code == 0:
@@ -131,7 +134,7 @@ def check_run(res, out: Path, expected: dict[str, bytes] | None, faults: Faults)
             assert tree_bytes(out) == expected, faults.failed
         return "ok"
     lines = [line for line in res.output.strip().splitlines() if line.startswith("Error:")]
-    assert res.exit_code == 2 and len(lines) == 1 and "Traceback" not in res.output, (faults.failed, res.output)
+    assert res.exit_code == 3 and len(lines) == 1 and "Traceback" not in res.output, (faults.failed, res.output)
     assert "injected" in lines[0] or "No space" in lines[0] or "Input/output" in lines[0], (faults.failed, lines)
     assert not out.exists(), faults.failed
     return "refused"
@@ -178,7 +181,7 @@ def _points(report: dict) -> list[tuple]:
 def test_every_write_of_a_sweep_can_fail_and_a_resumed_run_gives_the_same_points(
         llama_base, llama_adapter, mc_task, corpus_file, tmp_path, isolated_cache, capsys):
     args = ["sweep", str(llama_base), str(llama_adapter), "--scales", "0", "--task", str(mc_task), "--limit", "4",
-            "--forgetting", str(corpus_file), "--threads", "1", "--out"]
+            "--forgetting", str(corpus_file), "--control", "none", "--threads", "1", "--out"]  # controls: test_controls
     with injected(Faults()) as counter:
         res = CliRunner().invoke(main, [*args, str(tmp_path / "baseline")])
     assert res.exit_code == 0, res.output
@@ -195,7 +198,7 @@ def test_every_write_of_a_sweep_can_fail_and_a_resumed_run_gives_the_same_points
             outcomes["ok"] = outcomes.get("ok", 0) + 1
         else:
             lines = [line for line in res.output.strip().splitlines() if line.startswith("Error:")]
-            assert res.exit_code == 2 and len(lines) == 1, (faults.failed, res.output)
+            assert res.exit_code == 3 and len(lines) == 1, (faults.failed, res.output)
             outcomes["refused"] = outcomes.get("refused", 0) + 1
             res = CliRunner().invoke(main, [*args, str(out)])  # resumes from the points that were written
             assert res.exit_code == 0, (faults.failed, res.output)

@@ -243,15 +243,16 @@ def test_output_folder_rules(llama_base, llama_adapter, tmp_path):
 
 
 def test_failed_write_leaves_nothing(llama_base, llama_adapter, tmp_path, monkeypatch):
-    from repair.io import writer
+    import safetensors.torch
+    from safetensors import SafetensorError
 
-    def boom(*a, **k):
-        raise OSError(28, "No space left on device")
+    def boom(*a, **k):  # what safetensors raises on a full disk: not an OSError
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(writer, "save_file", boom)
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "0", "--out", str(out)])
-    assert res.exit_code == 2 and "No space left on device" in res.output and "nothing was written" in res.output
+    assert res.exit_code == 3 and "No space left on device" in res.output and "nothing was written" in res.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

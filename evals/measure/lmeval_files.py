@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from repair.errors import RepairError
+from repair.errors import OutputError, RepairError
 from repair.runtime.durable import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -61,5 +61,5 @@ def lm_eval_record(dest: Path) -> Iterator[LmEvalRecord]:
     except OSError as e:
         if in_block:
             raise
-        raise RepairError(f"{dest}: writing lm-eval's result files failed ({e.strerror or e}); the points "
+        raise OutputError(f"{dest}: writing lm-eval's result files failed ({e.strerror or e}); the points "
                           "finished before are kept, so a rerun resumes.") from e

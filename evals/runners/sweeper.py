@@ -42,7 +42,7 @@ from repair.detection.detector import DetectOptions
 from repair.edit.controls import CONTROL_KINDS
 from repair.edit.inplace import InPlacePatcher
 from repair.edit.plan import check_per_matrix, check_scale
-from repair.errors import RepairError
+from repair.errors import OutputError, RepairError
 from repair.io.writer import check_output_dir
 from repair.runtime.durable import write_text_atomic
 
@@ -304,7 +304,7 @@ def _write_outputs(report: SweepReport, out: Path) -> None:
     try:
         _write_files(report, out)
     except OSError as e:
-        raise RepairError(f"out {out}: writing the sweep's results failed ({e.strerror or e}); the finished "
+        raise OutputError(f"out {out}: writing the sweep's results failed ({e.strerror or e}); the finished "
                           "points are kept, so a rerun resumes.") from e
 
 

@@ -9,13 +9,16 @@ import click
 
 
 class UsageFailure(click.ClickException):
-    """An input error: one sentence on stderr, exit code 2."""
+    """A library error as the user meets it: one sentence on stderr, the error's exit code (2: input, 3: output
+    refused by the machine; see ``repair.errors``)."""
 
-    exit_code = 2
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def handle_errors(fn):
-    """Turn the library's ``RepairError`` into one clear sentence and exit 2 (traceback with --debug)."""
+    """Turn the library's ``RepairError`` into one clear sentence and its exit code (traceback with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -26,7 +29,7 @@ def handle_errors(fn):
         except RepairError as e:
             if click.get_current_context().find_root().params.get("debug"):
                 raise
-            raise UsageFailure(in_flags(str(e), click.get_current_context().command)) from e
+            raise UsageFailure(in_flags(str(e), click.get_current_context().command), e.exit_code) from e
 
     return wrapper
 

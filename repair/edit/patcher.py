@@ -32,7 +32,7 @@ from repair.edit.editor import (
 )
 from repair.edit.edits import edit_record, plain_merge, stored_layout
 from repair.edit.plan import Plan, check_per_matrix, check_scale
-from repair.errors import RepairError
+from repair.errors import OutputError, RepairError
 from repair.io.checkpoint import file_sha256
 from repair.io.experts import ExpertView
 from repair.io.writer import TensorWriter, check_output_dir
@@ -314,6 +314,6 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
             )
             report.write_json(tmp / REPORT_NAME)
     except OSError as e:
-        raise RepairError(f"out {opts.out}: writing failed ({e.strerror or e}); nothing was written.") from e
+        raise OutputError(f"out {opts.out}: writing failed ({e.strerror or e}); nothing was written.") from e
     logger.info("wrote %s (%d matrices patched)", opts.out, len(patched))
     return report

@@ -14,9 +14,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from repair.errors import RepairError
+from repair.runtime.durable import save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class TensorWriter:
         if not self._buffer:
             return
         path = self._shard_path(len(self._shards))
-        save_file(self._buffer, str(path), metadata=self.metadata)
+        save_safetensors(self._buffer, path, self.metadata)
         sort_metadata_keys(path)
         self._shards.append(list(self._buffer))
         self._buffer, self._buffered_bytes = {}, 0

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,25 @@ logger = logging.getLogger(__name__)
 TMP_MARKER = ".intruder-repair-tmp-"  # in every temporary name: a leftover is recognisable as one
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, with its I/O failures raised as the ``OSError`` they are: safetensors
+    reports a full disk, a read-only one or EIO as ``SafetensorError("... (os error 28)")``, which no
+    ``except OSError`` catches."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        if (m := _OS_ERROR.search(str(e))) is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def umask_mode(directory: bool = False) -> int:

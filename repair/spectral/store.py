@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from repair.runtime.cache import SPECTRA, cache_path
-from repair.runtime.durable import TMP_MARKER, publish_file
+from repair.runtime.durable import TMP_MARKER, publish_file, save_safetensors
 from repair.spectral.spectra import SPECTRA_VERSION, BaseSpectrum, compute_spectrum, tensor_key
 from repair.spectral.truncated import TruncatedSpectrum, compute_truncated
 
@@ -69,14 +69,12 @@ class SpectraCache:
         """Store atomically (write a temporary file, then rename); I/O errors only log a warning."""
         if self.folder is None:
             return
-        from safetensors.torch import save_file
-
         tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{entry}{TMP_MARKER}", suffix=SUFFIX)
             os.close(fd)
-            save_file(tensors, tmp, metadata={**meta, "version": SPECTRA_VERSION})
+            save_safetensors(tensors, tmp, {**meta, "version": SPECTRA_VERSION})
             publish_file(Path(tmp), self.path(entry))
         except OSError as e:
             logger.warning("%s: could not store a base spectrum (%s); continuing without caching", self.folder, e)
