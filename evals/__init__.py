@@ -1,12 +1,12 @@
 """Evaluation harness: downstream accuracy against forgetting, with lm-eval.
 
-``sweep``, ``compare`` and ``continual_learning`` are the functions behind ``repair sweep``, ``repair compare``
-and ``repair continual`` (see ``evals.api``), imported on first use.
+``sweep``, ``release``, ``compare`` and ``continual_learning`` are the functions behind ``repair sweep``,
+``repair release``, ``repair compare`` and ``repair continual`` (see ``evals.api``), imported on first use.
 """
 
 from importlib import import_module
 
-__all__ = ["sweep", "compare", "continual_learning"]
+__all__ = ["sweep", "release", "compare", "continual_learning"]
 
 
 def __getattr__(name: str):

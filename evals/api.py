@@ -1,5 +1,5 @@
-"""The public Python API of the harness: ``repair sweep``, ``repair compare`` and ``repair continual`` as functions,
-with their defaults."""
+"""The public Python API of the harness: ``repair sweep``, ``repair release``, ``repair compare`` and
+``repair continual`` as functions, with their defaults."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evals.measure.accuracy import EvalSettings
 from evals.measure.results import SweepReport
+from evals.release.model import ReleaseReport
 from evals.runners.comparison import CompareReport
 from evals.runners.continual import ContinualReport
 from repair.api import detect_options
@@ -17,7 +18,7 @@ def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] =
           tasks: Sequence[str] = (), forgetting: str = "base-samples", limit: int | None = None,
           pick: str | None = None, write_picked: bool = False, overwrite: bool = False,
           control: str = "matched", per_matrix: int | None = None, batch_size: int | str = 8,
-          allow_amplify: bool = False, dtype: str = "auto", device_map: str | None = None,
+          allow_amplify: bool = False, dtype: str = "auto", device_map: str | None = None, format: str = "merged",
           num_fewshot: int | None = None, apply_chat_template: bool = False, fewshot_as_multiturn: bool | None = None,
           gen_kwargs: str | None = None, seed: int | None = None, log_samples: bool = False,
           **options) -> SweepReport:
@@ -30,7 +31,7 @@ def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] =
                         limit=limit, pick=pick, write_picked=write_picked, overwrite=overwrite, control=control,
                         per_matrix=per_matrix, batch_size=batch_size,
                         allow_amplify=allow_amplify, detect=detect_options(options), dtype=dtype,
-                        device_map=device_map, eval=settings)
+                        device_map=device_map, eval=settings, format=format)
     return run_sweep(str(base), str(tuned), opts)
 
 
@@ -68,3 +69,25 @@ def continual_learning(recipe: str | Path, out: str | Path, *, limit: int | None
 
 def _tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:
     return (tasks,) if isinstance(tasks, str) else tuple(tasks)
+
+
+def release(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max_acc_drop: float,
+            scales: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), forgetting: str = "base-samples",
+            limit: int | None = None, control: str = "none", format: str | None = None,
+            fail_above: int | None = None, overwrite: bool = False, per_matrix: int | None = None,
+            batch_size: int | str = 8, allow_amplify: bool = False, dtype: str = "auto",
+            device_map: str | None = None, num_fewshot: int | None = None, apply_chat_template: bool = False,
+            fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, seed: int | None = None,
+            log_samples: bool = False, **options) -> ReleaseReport:
+    """``repair release``: detect, sweep λ, pick the least forgetting within ``max_acc_drop`` and write ``out``
+    (adapter or merged checkpoint, model card, report.html, release.json, logs/). ``report.ready`` is False
+    when the ``fail_above`` gate failed (options: ``DetectOptions``)."""
+    from evals.release.runner import ReleaseOptions, run_release
+
+    settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
+    opts = ReleaseOptions(out=Path(out), tasks=_tasks(tasks), max_acc_drop=max_acc_drop, scales=tuple(scales),
+                          forgetting=forgetting, limit=limit, control=control, format=format,
+                          fail_above=fail_above, overwrite=overwrite, per_matrix=per_matrix, batch_size=batch_size,
+                          allow_amplify=allow_amplify, dtype=dtype, device_map=device_map,
+                          detect=detect_options(options), eval=settings)
+    return run_release(str(base), str(tuned), opts)

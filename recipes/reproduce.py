@@ -16,7 +16,7 @@ what the code prints.
 
 Training runs (``repair finetune``) write to ``--runs`` (default: the tool's cache) and are reused when
 their ``recipe.json`` equals the recipe asked for, so a target reruns only its measurements. Times on a
-2-core CPU: ``demo`` about 5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` its three
+2-core CPU: ``demo`` about 2.5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` its three
 sweeps (plus the training runs it has not kept), ``rank-sweep`` about 4 per LoRA run plus about 15 to measure
 the 14 fine-tunes, ``continual`` about 30 (8, 9 and 11 on 2026-11-25); ``--check`` takes a second.
 """
@@ -59,6 +59,7 @@ class Target:
     render: Callable[[], dict[str, str]] | None = None  # {"body": region text}; None: a sweep's table and verdict
     after: Callable[[], None] | None = None  # draws figures from the stored results
     pieces: dict[str, str] = field(default_factory=lambda: dict(SWEEP_PIECES))
+    terminal: str | None = None  # keep the last command's terminal output (stdout and stderr) as results/<this>
 
 
 def _finetune(recipe: str, out: str, *sets: str) -> list[str]:
@@ -83,7 +84,8 @@ def _stored_sweep(name: str) -> Path:
 
 
 TARGETS: dict[str, Target] = {
-    "demo": Target([["demo", "--out", "{out}"]], {"demo.json": "sweep/sweep.json"}),
+    "demo": Target([["demo", "--out", "{out}"]], {"demo.json": "release.json"}, render=lambda: {"body": demo_output()},
+                   pieces={}, terminal="demo.txt"),
     "controls-matched": Target([[*SWEEP, "--control", "matched", "--out", "{out}"]],
                                {"controls-matched.json": "sweep.json"}),
     "controls-neighbour": Target([[*SWEEP, "--control", "neighbour", "--out", "{out}"]],
@@ -110,6 +112,14 @@ TARGETS: dict[str, Target] = {
         {f"continual/{r.name}.json": f"{r.name}/continual.json" for r in CONTINUAL_RUNS},
         render=lambda: {"body": continual_table(RESULTS / "continual")}, pieces={}),
 }
+
+
+DEMO_OUT = "intruder-repair-demo"  # the demo's default --out, as the README shows its output
+
+
+def demo_output() -> str:
+    """The demo's terminal output as stored, in a code block."""
+    return "```\n" + (RESULTS / "demo.txt").read_text() + "```"
 
 
 def region(name: str) -> re.Pattern[str]:
@@ -208,7 +218,15 @@ def run(name: str, runs: Path) -> None:
                 continue
             print(f"$ repair {' '.join(args)}", flush=True)
             overwrite = ["--overwrite"] if args[0] == "finetune" and Path(args[args.index("--out") + 1]).exists() else []
-            subprocess.run([sys.executable, "-m", "repair.cli", *args, *overwrite], cwd=ROOT, check=True)
+            shown = subprocess.run([sys.executable, "-m", "repair.cli", *args, *overwrite], cwd=ROOT, check=True,
+                                   stdout=subprocess.PIPE if target.terminal else None,
+                                   stderr=subprocess.STDOUT if target.terminal else None, text=True).stdout
+            if target.terminal:
+                print(shown, flush=True)
+                from repair.io.sources import demo_dir
+
+                shown = shown.replace(str(out), DEMO_OUT).replace(str(demo_dir()), "<package>/repair/demo")
+                (RESULTS / target.terminal).write_text(shown)
         for stored, made in target.results.items():
             (RESULTS / stored).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / made, RESULTS / stored)

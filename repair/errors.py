@@ -1,7 +1,8 @@
 """Exceptions that the CLI turns into one clear sentence and a documented exit code.
 
-2: the input or the command is wrong (fix the command); 3: the machine refused a write (fix the runner:
-disk full, read-only, permissions, I/O errors). A bug is neither: a traceback (``--debug``) and exit 1.
+2: the input or the command is wrong (fix the command), found before any model is loaded where it can be; 3: the
+machine refused a write (fix the runner: disk full, read-only, permissions, I/O errors); 1: a gate failed, or a
+long run failed once its work had begun (``RunFailed``). A bug is a traceback (``--debug``) and exit 1.
 """
 
 
@@ -24,3 +25,10 @@ class OutputError(RepairError):
     Nothing is left half-written; the same command succeeds where the disk allows it."""
 
     exit_code = 3
+
+
+class RunFailed(RepairError):
+    """A long run failed after its work began (the input had passed every check): exit code 1, one sentence that
+    says what was kept, e.g. a sweep's measured points, so that the same command resumes."""
+
+    exit_code = 1

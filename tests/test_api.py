@@ -191,6 +191,13 @@ def test_api_defaults_are_the_cli_defaults():
                  "per_matrix", "batch_size",
                  "allow_amplify", "dtype", "device_map", *lm_eval_flags):
         assert sig[name].default == sweep_cli[name], name
+    assert sig["format"].default == sweep_cli["fmt"]
+    release_cli = cli_defaults(cli.release, "B", "T", "--out", "O", "--max-acc-drop", "0.1")
+    sig = inspect.signature(evals_api.release).parameters
+    assert sig["format"].default == release_cli["fmt"]
+    for name in ("scales", "forgetting", "limit", "control", "fail_above", "overwrite", "per_matrix", "batch_size",
+                 "allow_amplify", "dtype", "device_map", *lm_eval_flags):
+        assert sig[name].default == release_cli[name], name
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-continual-lora.yaml"
     continual_cli = cli_defaults(cli.main.commands["continual"], str(recipe), "--out", "O")
     sig = inspect.signature(evals_api.continual_learning).parameters

@@ -9,7 +9,6 @@ number edited by hand, or a renderer change not carried into the docs, fails CI.
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -89,6 +88,17 @@ def test_the_rank_sweep_trains_what_its_labels_say():
         assert ("; lr " in run.label) == (recipe.train.learning_rate not in (5e-3, 3e-3))
 
 
-def test_the_demo_json_is_the_demo_adapters_sweep():
-    data = json.loads((ROOT / "recipes" / "results" / "demo.json").read_text())
-    assert data["total_intruders"] == 47 and data["arguments"]["tuned"].endswith("demo")
+def test_the_demo_output_is_its_release_json():
+    """The README shows the demo's terminal output verbatim; its evidence table and verdict are the ones the
+    stored release.json prints."""
+    from evals.release.card import evidence_table
+    from evals.release.model import ReleaseReport
+
+    report = ReleaseReport.model_validate_json((ROOT / "recipes" / "results" / "demo.json").read_text())
+    shown = (ROOT / "recipes" / "results" / "demo.txt").read_text()
+    assert report.found.intruders == 47 and report.tuned.endswith("demo") and report.command == "repair demo"
+    assert "\n".join(evidence_table(report)) in shown
+    assert f"Release {report.verdict}: {report.reason}" in shown
+    assert len(shown.splitlines()) <= 60 and "lm_eval" not in shown and "WARNING" not in shown
+
+

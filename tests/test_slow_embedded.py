@@ -74,33 +74,57 @@ def test_patched_embedded_default_still_generates(smollm2, smollm2_adapter, tmp_
     assert "Paris" in _generate(out)
 
 
-def test_five_point_sweep_on_embedded_default(tmp_path):
+def test_release_on_embedded_default(smollm2, tmp_path):
+    """The issue's command: exit 0; the adapter loads with peft and merges to `repair patch --format merged` at the
+    released λ; the card parses and its table is release.json's; the sweep saw the adapter learn and forget."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from release_oracles import card_table, number
+    from transformers import AutoModelForCausalLM
+
     from repair.io.sources import demo_dir
 
-    out = tmp_path / "sweep"
-    res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0,0.25,0.5,0.75,1",
-                                    "--task", "addition", "--forgetting", "base-samples:32", "--limit", "100",
-                                    "--out", str(out)])
+    out = tmp_path / "release"
+    res = CliRunner().invoke(main, ["release", "smollm2-135m", str(demo_dir()), "--task", "addition",
+                                    "--max-acc-drop", "0.01", "--limit", "100", "--forgetting", "base-samples:16",
+                                    "--scales", "0,1", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    report = json.loads((out / "sweep.json").read_text())
-    assert [p["scale"] for p in report["points"]] == [0, 0.25, 0.5, 0.75, 1]
-    assert report["tuned"]["accuracy"] > report["base"]["accuracy"] + 0.3  # the adapter learned the task
-    assert report["tuned"]["forgetting_delta"] > 0  # and forgot some of the base distribution
-    assert (out / "tradeoff.png").is_file()
+    report = json.loads((out / "release.json").read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    assert rows["tuned"]["scores"]["addition"]["value"] > rows["base"]["scores"]["addition"]["value"] + 0.3
+    assert rows["tuned"]["forgetting_nll"] > rows["base"]["forgetting_nll"]  # it learned the task, and forgot
+    assert report["found"]["intruders"] == 47 and report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32),
+                                    str(out)).merge_and_unload().state_dict()
+    ref = tmp_path / "patched"
+    res = CliRunner().invoke(main, ["patch", "smollm2-135m", str(demo_dir()), "--scale", f"{report['scale']:g}",
+                                    "--format", "merged", "--out", str(ref)])
+    assert res.exit_code == 0, res.output
+    want = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).state_dict()
+    for k, w in want.items():
+        if k in got and w.dim() == 2:
+            bound = 1e-6 * float(torch.linalg.matrix_norm(w.double(), ord=2))
+            assert float((got[k].double() - w.double()).abs().max()) <= bound, k
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == report["base_model"] and card.data.library_name == "peft"
+    released = card_table(card.text)["released"]
+    assert number(released[1])[0] == pytest.approx(rows["released"]["scores"]["addition"]["value"], abs=5e-5)
+    assert number(released[2])[0] == pytest.approx(rows["released"]["forgetting_nll"], abs=5e-5)
 
 
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "100"])
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "20"])
     assert res.exit_code == 0, res.output
-    assert "intruder dimensions" in res.output and "Scaling them to λ=" in res.output
-    assert "| addition | addition (chat template) |" in res.output and "through the model's chat template" in res.output
-    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
-    assert sweep["arguments"]["extra_columns"][0]["lm_eval"]["apply_chat_template"] is True
-    assert (out / "sweep" / "lm-eval" / "base").is_dir()
-    for f in ["detect.json", "sweep/sweep.json", "sweep/tradeoff.png", "figures/similarity.png",
-              "sweep/picked/model.safetensors", "sweep/picked/repair_report.json"]:
+    lines = res.output.splitlines()
+    assert len(lines) <= 60 and not any("lm_eval" in x or "WARNING" in x for x in lines), res.output
+    assert lines[-1].startswith(f"Wrote {out}/") and any(x.startswith("Release ") for x in lines)
+    report = json.loads((out / "release.json").read_text())
+    assert report["command"] == "repair demo" and report["found"]["intruders"] == 47
+    for f in ["README.md", "report.html", "adapter_config.json", "adapter_model.safetensors", "logs/sweep.json",
+              "logs/tradeoff.png", "logs/similarity.png", "logs/detect.json", "logs/run.log"]:
         assert (out / f).is_file(), f
+    assert "lm_eval" in (out / "logs" / "run.log").read_text()  # lm-eval's own log went to the file
 
 
 @pytest.mark.parametrize("k", [10, 50])

@@ -56,11 +56,12 @@ class SweepPoint(BaseModel):
 class Pick(BaseModel):
     rule: str
     task: str | None = Field(None, description="the task whose drop is bounded; None: the mean over the tasks")
-    scale: float
+    scale: float | None = Field(description="the picked λ; None: no λ met the rule (see reason)")
     accuracy_drop: float | None
     forgetting_recovered: float | None = Field(
         None, description="fraction of the tuned model's forgetting (vs base) removed at this λ")
     checkpoint: str | None = None
+    reason: str | None = Field(None, description="why no λ was picked")
 
 
 class ControlComparison(BaseModel):

@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from evals.measure.accuracy import (
     EvalSettings,
     TaskColumn,
@@ -38,6 +36,7 @@ from evals.measure.results import (
     write_csv,
 )
 from repair import __version__
+from repair.adapters.pairs import PairSource
 from repair.detection.detector import DetectOptions
 from repair.edit.controls import CONTROL_KINDS
 from repair.edit.inplace import InPlacePatcher
@@ -45,6 +44,7 @@ from repair.edit.plan import check_per_matrix, check_scale
 from repair.errors import OutputError, RepairError
 from repair.io.writer import check_output_dir
 from repair.runtime.durable import write_text_atomic
+from repair.runtime.progress import Points, stage
 
 logger = logging.getLogger(__name__)
 PICKED_DIR = "picked"  # --write-picked writes DIR/picked
@@ -70,6 +70,7 @@ class SweepOptions:
     per_matrix: int | None = None  # scale only the N top-ranked intruders of each matrix (N = 1: the paper's v2)
     eval: EvalSettings = field(default_factory=EvalSettings)  # lm-eval's flags (--num-fewshot, --seed, ...)
     extra_columns: tuple[TaskColumn, ...] = ()  # tasks run with flags of their own (the demo's chat-template pair)
+    format: str = "merged"  # --write-picked writes a merged checkpoint or a PEFT adapter (TUNED a LoRA adapter)
 
     @property
     def columns(self) -> list[TaskColumn]:
@@ -93,6 +94,8 @@ class SweepOptions:
                 raise RepairError("pick: needs --task, since it bounds the accuracy drop.")
         if self.write_picked and self.pick is None:
             raise RepairError("write_picked: needs --pick.")
+        if self.format not in ("merged", "adapter"):
+            raise RepairError(f"format: expected merged or adapter, got {self.format!r}.")
         if self.limit is not None and self.limit < 1:
             raise RepairError(f"limit: expected a positive integer, got {self.limit}.")
         check_batch_size(self.batch_size)
@@ -122,6 +125,12 @@ class _Evaluator:
         self.base_nll: float | None = None
         self.kind, self.doc_tokens = forgetting_kind(model), document_tokens(model, tok, docs)
         self.base, self.tuned = base, tuned
+
+    def describe(self) -> str:
+        """What each point measures, for the progress line."""
+        tasks = ", ".join(c.label or c.spec for c in self.columns)
+        limit = "" if self.opts.limit is None else f" (at most {self.opts.limit} examples each)"
+        return f"forgetting on {len(self.docs)} documents" + (f", accuracy on {tasks}{limit}" if tasks else "")
 
     def _scores(self, label: str, scale: float | None) -> dict[str, Score]:
         if self.lm is None:
@@ -193,7 +202,10 @@ def choose(points: list[SweepPoint], tuned: SweepPoint, base: SweepPoint, rule: 
     drop = {id(p): _accuracy(tuned, task) - _accuracy(p, task) for p in points}
     ok = [p for p in points if drop[id(p)] <= bound + 1e-12]
     if not ok:
-        raise RepairError(f"pick {rule}: no λ keeps the accuracy drop within {bound}.")
+        least = min(drop.values())
+        return Pick(rule=rule, task=task, scale=None, accuracy_drop=None, forgetting_recovered=None,
+                    reason=f"no λ of {', '.join(f'{p.scale:g}' for p in points)} keeps the accuracy drop within "
+                           f"{bound:g} (the least drop measured: {least:.4f}); add λ=1 to the scales, or allow more")
     best = min(ok, key=lambda p: (p.forgetting_nll, -_accuracy(p, task), -p.scale))
     gap = tuned.forgetting_nll - base.forgetting_nll
     recovered = (tuned.forgetting_nll - best.forgetting_nll) / gap if gap > 0 else None
@@ -210,8 +222,9 @@ def _arguments(base: str, tuned: str, opts: SweepOptions) -> dict[str, object]:
                               for c in opts.extra_columns]}
 
 
-def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
-    """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
+def check_sweep(base: str, tuned: str, opts: SweepOptions) -> PairSource:
+    """Every check that needs no model: options, tasks, sources, the picked checkpoint's folder. A sweep that
+    passes them fails later only on the machine (memory, disk) or on a bug, never on its input."""
     opts.validate()
     names = check_columns(opts.columns)  # an unknown task is a sentence before any model is loaded
     if opts.pick and (task := pick_bound(opts.pick)[1]) is not None and task not in names:
@@ -219,21 +232,37 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     src = opts.detect.pairs(base, tuned)
     if opts.write_picked:  # before any work: a refused output folder must not cost a whole sweep
         check_output_dir(opts.out / PICKED_DIR, [src.base_source.path, src.tuned_source.path], opts.overwrite)
+        if opts.format == "adapter":
+            from repair.edit.patcher import check_adapter_format
+
+            check_adapter_format(src, tuned)
         if opts.dtype != "auto":
             logger.warning("dtype %s: the sweep measures the model in %s, but --write-picked writes the "
                            "checkpoint's own dtype", opts.dtype, opts.dtype)
+    return src
+
+
+def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
+    """Evaluate base, tuned and each λ; write sweep.json, sweep.csv and tradeoff.png to ``opts.out``."""
+    src = check_sweep(base, tuned, opts)
+    stage(f"Loading {base} and the forgetting corpus ({opts.forgetting})")
     model, tok, base_src = load_model(base, placement=opts.placement, hub=opts.detect.hub())
     docs = load_corpus(opts.forgetting, model, tok, json.dumps(source_fingerprint(base_src)),
                        chat=opts.eval.apply_chat_template)
     args = _arguments(base, tuned, opts)
-    key = [__version__, args, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs,
+    measured = {k: v for k, v in args.items() if k != "pick"}  # another budget reuses the points
+    key = [__version__, measured, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs,
            columns_fingerprint(opts.columns)]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts, base, tuned)
-    base_point = cache.get("base") or cache.put(ev.measure("base", None, 0))
+    n_points = 1 + len({1.0, *opts.scales}) + (sum(s != 1.0 for s in opts.scales) if opts.control != "none" else 0)
+    stage(f"Measuring {n_points} points: {ev.describe()}")
+    points = Points(n_points)
+    base_point = _point(cache, "base", points, lambda: ev.measure("base", None, 0))
     ev.base_nll = base_point.forgetting_nll
+    stage(f"Finding the intruders of {tuned} (one SVD pass; the weights are then edited in place)")
     patcher = InPlacePatcher(model, src, opts.detect, opts.per_matrix, opts.control)  # the one SVD pass: TUNED now
-    done = _measure_scales(patcher, ev, cache, opts)
+    done = _measure_scales(patcher, ev, cache, opts, points)
     tuned_point = done[1.0].model_copy(update={"label": "tuned"})
     report = SweepReport(
         tool_version=__version__, arguments=args, fingerprint=fingerprint, forgetting_kind=ev.kind,
@@ -243,59 +272,80 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     )
     if opts.control != "none":
         report.control = ControlReport(kind=opts.control, directions=patcher.control_record(),
-                                       points=_measure_controls(patcher, ev, cache, opts, done))
+                                       points=_measure_controls(patcher, ev, cache, opts, done, points))
     annotate(report)
     if opts.pick:
         report.pick = choose(report.points, tuned_point, base_point, opts.pick)
-        if opts.write_picked:
+        if opts.write_picked and report.pick.scale is not None:
+            stage(f"Writing the {opts.format} checkpoint at λ={report.pick.scale:g}")
             report.pick.checkpoint = str(_write_picked(base, tuned, opts, patcher, report.pick.scale, fingerprint))
     _write_outputs(report, opts.out)
     return report
 
 
+def _result(point: SweepPoint) -> str:
+    acc = "" if point.accuracy is None else \
+        f"accuracy {point.accuracy:.3f}" + ("" if point.accuracy_stderr is None else f" ± {point.accuracy_stderr:.3f}")
+    nll = f"forgetting NLL {point.forgetting_nll:.3f}"
+    return ", ".join(x for x in (acc, nll, f"{point.intruders} intruders") if x)
+
+
+def _point(cache: _PointCache, label: str, points: Points, measure) -> SweepPoint:
+    """A finished point from an earlier run, or the point measured now (and stored); one progress line."""
+    point = cache.get(label)
+    if point is not None:
+        points.finished(label, _result(point), None)
+        return point
+    point = cache.put(measure())
+    points.finished(label, _result(point), point.seconds)
+    return point
+
+
 def _measure_scales(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache,
-                    opts: SweepOptions) -> dict[float, SweepPoint]:
+                    opts: SweepOptions, points: Points) -> dict[float, SweepPoint]:
     """λ = 1 (the tuned model), then each λ: edit in place, measure, restore; finished points come from the cache."""
     done: dict[float, SweepPoint] = {}
-    for scale in tqdm([1.0, *[s for s in opts.scales if s != 1.0]], desc="sweep", unit="λ", disable=None):
-        point = cache.get(_label(scale))
-        if point is None and not patcher.entries and 1.0 in done:  # nothing to rescale: every λ is λ=1
-            point = cache.put(done[1.0].model_copy(update={"label": _label(scale), "scale": scale, "seconds": 0.0}))
-        if point is None:
-            patcher.apply(scale)
-            point = cache.put(ev.measure(_label(scale), scale, patcher.intruders_at(scale),
-                                         patcher.frobenius_removed(scale)))
-            patcher.restore()
-        done[scale] = point
+    for scale in [1.0, *dict.fromkeys(s for s in opts.scales if s != 1.0)]:
+        done[scale] = _point(cache, _label(scale), points, lambda scale=scale: _measure_edit(
+            patcher, ev, _label(scale), scale, done.get(1.0), control=False))
     return done
 
 
+def _measure_edit(patcher: InPlacePatcher, ev: _Evaluator, label: str, scale: float, tuned: SweepPoint | None,
+                  control: bool) -> SweepPoint:
+    if not patcher.entries and tuned is not None:  # nothing to rescale: every λ is λ=1
+        return tuned.model_copy(update={"label": label, "scale": scale, "seconds": 0.0})
+    patcher.apply(scale, control=control)
+    try:
+        return ev.measure(label, scale, patcher.intruders_at(scale, control=control),
+                          patcher.frobenius_removed(scale, control=control))
+    finally:
+        patcher.restore()
+
+
 def _measure_controls(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache, opts: SweepOptions,
-                      done: dict[float, SweepPoint]) -> list[SweepPoint]:
+                      done: dict[float, SweepPoint], points: Points) -> list[SweepPoint]:
     """The control edit at each λ ≠ 1 (λ = 1 is the tuned model for both series)."""
-    points = []
-    for scale in tqdm([s for s in opts.scales if s != 1.0], desc="control", unit="λ", disable=None):
+    out = []
+    for scale in [s for s in opts.scales if s != 1.0]:
         label = f"control={scale:g}"
-        point = cache.get(label)
-        if point is None and not patcher.entries:
-            point = cache.put(done[1.0].model_copy(update={"label": label, "scale": scale, "seconds": 0.0}))
-        if point is None:
-            patcher.apply(scale, control=True)
-            point = cache.put(ev.measure(label, scale, patcher.intruders_at(scale, control=True),
-                                         patcher.frobenius_removed(scale, control=True)))
-            patcher.restore()
-        points.append(point)
-    return points
+        out.append(_point(cache, label, points, lambda scale=scale, label=label: _measure_edit(
+            patcher, ev, label, scale, done[1.0], control=True)))
+    return out
 
 
 def _write_picked(base: str, tuned: str, opts: SweepOptions, patcher: InPlacePatcher, scale: float,
                   fingerprint: str) -> Path:
-    """The checkpoint at the picked λ, from the sweep's own intruders and triplets: the weights it measured."""
-    from repair.edit.patcher import PatchOptions, patch
+    """The checkpoint at the picked λ, from the sweep's own intruders and triplets: the weights it measured.
+    An adapter at λ = 1 (or with no intruder) is TUNED's own, copied unchanged."""
+    from repair.edit.patcher import PatchOptions, copy_adapter, patch
 
     out = opts.out / PICKED_DIR
+    if opts.format == "adapter" and (scale == 1.0 or not patcher.entries):
+        copy_adapter(opts.detect.pairs(base, tuned), out, opts.overwrite)
+        return out
     patch(base, tuned, PatchOptions(out=out, scale=scale, detect=opts.detect, overwrite=opts.overwrite,
-                                    allow_amplify=opts.allow_amplify, patches=patcher.patches(),
+                                    format=opts.format, allow_amplify=opts.allow_amplify, patches=patcher.patches(),
                                     patches_from=f"repair sweep {fingerprint}"))
     return out
 

@@ -14,12 +14,13 @@ import click
 
 from repair import __version__
 from repair.cli.options import (
+    batch_size_option,
     detect_options,
     eval_options,
     handle_errors,
-    parse_batch_size,
     parse_scales,
     parse_task_list,
+    task_options,
 )
 from repair.cli.research import RESEARCH_COMMANDS
 
@@ -38,7 +39,8 @@ def main(verbose: int, debug: bool) -> None:
 @click.argument("base")
 @click.argument("tuned")
 @detect_options
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="Write the report as JSON to a file, or to stdout with - (the table then goes to stderr).")
 @click.option("--fail-above", type=int, default=None, help="Exit 1 when total intruders exceed N.")
 @click.option("--worst", default=10, show_default=True, type=int, help="Matrices listed in the table.")
 @click.option("--plan-out", type=click.Path(dir_okay=False, path_type=Path),
@@ -55,8 +57,11 @@ def detect(base, tuned, detect_opts, json_path, fail_above, worst, plan_out, per
     from repair.detection.report import render_table
 
     report = run_detect(base, tuned, detect_opts)
-    click.echo(render_table(report, worst=worst))
-    if json_path is not None:
+    to_stdout = json_path is not None and str(json_path) == "-"
+    click.echo(render_table(report, worst=worst), err=to_stdout)
+    if to_stdout:
+        click.echo(report.model_dump_json(indent=2))
+    elif json_path is not None:
         report.write_json(json_path)
         click.echo(f"\nReport written to {json_path}")
     if plan_out is not None:
@@ -114,24 +119,22 @@ def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow
 @click.argument("tuned")
 @click.option("--scales", default="0,0.25,0.5,0.75,1", show_default=True, callback=parse_scales,
               help="Comma-separated λ values.")
-@click.option("--task", "tasks", multiple=True, callback=parse_task_list,
-              help="lm-eval task: a registered name or a local task YAML path (repeatable, or a comma list).")
-@click.option("--forgetting", default="base-samples", show_default=True,
-              help="Reference corpus: a .txt/.jsonl file, an lm-eval rolling task, or base-samples[:N].")
+@task_options
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
-@click.option("--limit", type=int, default=None, help="Evaluate at most N task examples.")
 @click.option("--pick", default=None,
               help="Choose λ: max-acc-drop=X bounds the mean accuracy drop, max-acc-drop=X:TASK one task's.")
 @click.option("--write-picked", is_flag=True,
-              help="Also write the merged checkpoint at the picked λ: the weights the sweep measured.")
+              help="Also write the checkpoint at the picked λ to DIR/picked: the weights the sweep measured.")
+@click.option("--format", "fmt", default="merged", show_default=True, type=click.Choice(["merged", "adapter"]),
+              help="--write-picked: a merged checkpoint, or a PEFT LoRA adapter (TUNED a LoRA adapter; λ=1: "
+                   "TUNED's own, copied).")
 @click.option("--overwrite", is_flag=True, help="Let --write-picked replace a non-empty DIR/picked.")
 @click.option("--control", default="matched", show_default=True, type=click.Choice(["matched", "neighbour", "none"]),
               help="Also scale, at each λ, control directions instead of the intruders: the non-intruder of "
                    "closest σ removing the same Frobenius mass (matched), or the next in rank (neighbour).")
 @click.option("--per-matrix", type=int, default=None,
               help="Scale only the N top-ranked intruders of each matrix (1: the paper's NeurIPS setting).")
-@click.option("--batch-size", default="8", show_default=True, callback=parse_batch_size,
-              help="Documents per forward pass, or auto (lm-eval's detection; forgetting then uses 8).")
+@batch_size_option()
 @click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated model.")
@@ -141,25 +144,96 @@ def patch(base, tuned, scale, detect_opts, out, fmt, max_shard_size, plan, allow
 @eval_options
 @detect_options
 @handle_errors
-def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked, overwrite, control, per_matrix,
+def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked, fmt, overwrite, control, per_matrix,
           batch_size, allow_amplify, dtype, device_map, detect_opts, eval_settings):
-    """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place)."""
+    """Measure task accuracy against forgetting for each λ (one SVD pass, weights patched in place).
+
+    Exit 1 when --pick finds no λ within its bound (the points are written all the same)."""
     from evals.measure.results import control_verdict, markdown_table
-    from evals.runners.sweeper import SweepOptions, run_sweep
+    from evals.runners.sweeper import SweepOptions, check_sweep, run_sweep
+    from repair.cli.terminal import library_output_to, quietly, start_log, verbosity
 
     opts = SweepOptions(out=out, scales=scales, tasks=tasks, forgetting=forgetting, limit=limit, pick=pick,
                         write_picked=write_picked, overwrite=overwrite, control=control, per_matrix=per_matrix,
                         batch_size=batch_size, allow_amplify=allow_amplify, detect=detect_opts, dtype=dtype,
-                        device_map=device_map, eval=eval_settings)
-    report = run_sweep(base, tuned, opts)
+                        device_map=device_map, eval=eval_settings, format=fmt)
+    _, early = quietly(verbosity(), check_sweep, base, tuned, opts)  # exit 2 before anything is written
+    start_log(out / "run.log", early)
+    with library_output_to(out / "run.log", verbosity()):
+        report = run_sweep(base, tuned, opts)
     click.echo(markdown_table(report))
     if (verdict := control_verdict(report)) is not None:
         click.echo("\n" + verdict)
+    click.echo(f"\nWrote {out / 'sweep.json'}, sweep.csv, tradeoff.png; lm-eval's files in {out / 'lm-eval'}, "
+               f"other libraries' output in {out / 'run.log'}")
+    if report.pick is not None and report.pick.scale is None:
+        click.echo(f"\nNo λ picked ({report.pick.rule}): {report.pick.reason}.", err=True)
+        sys.exit(1)
     if report.pick is not None:
         click.echo(f"\nPicked λ={report.pick.scale:g} ({report.pick.rule}): accuracy drop "
                    f"{report.pick.accuracy_drop:+.4f}" + (f", checkpoint {report.pick.checkpoint}"
                                                           if report.pick.checkpoint else ""))
-    click.echo(f"\nWrote {out / 'sweep.json'}, sweep.csv and tradeoff.png")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("tuned")
+@task_options
+@click.option("--max-acc-drop", required=True, type=float,
+              help="Accuracy budget: the released λ has the least forgetting whose drop (mean over the tasks) "
+                   "stays within X, e.g. 0.01.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The folder to publish (written whole at the end).")
+@click.option("--scales", default="0,0.25,0.5,0.75,1", show_default=True, callback=parse_scales,
+              help="λ values to measure (λ=1, TUNED unchanged, is always measured).")
+@click.option("--format", "fmt", default=None, type=click.Choice(["adapter", "merged"]),
+              help="adapter (default where TUNED is a LoRA adapter: rank r + |intruders|, exact) or merged.")
+@click.option("--fail-above", type=int, default=None,
+              help="Gate: exit 1 when more than N intruders are left in the released weights.")
+@click.option("--control", default="none", show_default=True, type=click.Choice(["none", "matched", "neighbour"]),
+              help="Also measure the control edit (see `repair sweep`) as evidence.")
+@click.option("--per-matrix", type=int, default=None, help="Scale only the N top-ranked intruders of each matrix.")
+@batch_size_option()
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated model.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]), help="Spread the model with accelerate.")
+@click.option("--allow-amplify", is_flag=True, help="Allow λ outside [0, 1].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
+@eval_options
+@detect_options
+@handle_errors
+def release(base, tuned, tasks, forgetting, limit, max_acc_drop, out, scales, fmt, fail_above, control, per_matrix,
+            batch_size, dtype, device_map, allow_amplify, overwrite, eval_settings, detect_opts):
+    """Make TUNED ready to publish: detect, sweep λ, pick within --max-acc-drop, and write --out (the adapter, its
+    model card README.md, report.html, release.json, logs/).
+
+    Exit 0: ready (patched, or unchanged when nothing needed it); 1: --fail-above failed, or the run failed after
+    it began (measured points kept; the same command resumes); 2: bad input, before anything is loaded.
+    """
+    from evals.release.runner import ReleaseOptions
+    from repair.cli.release import release_and_report
+
+    opts = ReleaseOptions(
+        out=out, tasks=tasks, max_acc_drop=max_acc_drop, scales=scales, forgetting=forgetting, limit=limit,
+        control=control, format=fmt, fail_above=fail_above, overwrite=overwrite, batch_size=batch_size, dtype=dtype,
+        device_map=device_map, per_matrix=per_matrix, allow_amplify=allow_amplify, detect=detect_opts,
+        eval=eval_settings, command=command_line())
+    sys.exit(release_and_report(base, tuned, opts))
+
+
+def command_line() -> str:
+    """The command as the user typed it, tokens quoted for a shell, the hub token left out."""
+    import shlex
+
+    args, shown, skip = sys.argv[1:], [], False
+    for a in args:
+        if skip:
+            shown.append("***")
+            skip = False
+            continue
+        shown.append("--token=***" if a.startswith("--token=") else a)
+        skip = a == "--token"
+    return "repair " + " ".join(shlex.quote(a) for a in shown)
 
 
 @main.command()
@@ -170,8 +244,7 @@ def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked
 @click.option("--base", default=None, help="Base model for LoRA adapter folders (default: the adapter's own).")
 @click.option("--forgetting", default=None, help="Also score forgetting on this corpus (see `repair sweep`).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write compare.json and compare.md.")
-@click.option("--batch-size", default="8", show_default=True, callback=parse_batch_size,
-              help="Documents per forward pass, or auto (lm-eval's detection; forgetting then uses 8).")
+@batch_size_option()
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated models.")

@@ -40,7 +40,11 @@ _LEADING_NAMES = re.compile(r"^([a-z][a-z0-9_]*(?:/[a-z][a-z0-9_]*)*)(?=[: ])")
 def in_flags(message: str, command: click.Command) -> str:
     """The library names parameters (``top_k: ...``); on the command line they are the command's flags
     (``--top-k: ...``). The map is read from the command's own options, so it cannot drift from them."""
-    flags = {opt[2:].replace("-", "_"): opt for p in command.params for opt in p.opts if opt.startswith("--")}
+    flags: dict[str, str] = {}
+    for p in command.params:  # the first spelling of each flag (--num-fewshot, not its alias --num_fewshot)
+        for opt in p.opts:
+            if opt.startswith("--"):
+                flags.setdefault(opt[2:].replace("-", "_"), opt)
     m = _LEADING_NAMES.match(message)
     if not m or not all(name in flags for name in m.group(1).split("/")):
         return message
@@ -119,7 +123,8 @@ def parse_task_list(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def eval_options(f):
-    """lm-eval's evaluation flags, with lm-eval's meanings; the command receives them as ``eval_settings``."""
+    """lm-eval's evaluation flags, with lm-eval's meanings and also lm-eval's own spellings (``--num_fewshot``);
+    the command receives them as ``eval_settings``."""
     names = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn", "gen_kwargs", "seed", "log_samples")
 
     @functools.wraps(f)
@@ -130,14 +135,34 @@ def eval_options(f):
         return f(*args, **kwargs)
 
     for opt in reversed([
-        click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per prompt (lm-eval's)."),
-        click.option("--apply-chat-template", is_flag=True, help="Prompt through the tokenizer's chat template."),
-        click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", default=None,
+        click.option("--num-fewshot", "--num_fewshot", "num_fewshot", type=int, default=None, help="Few-shot examples per prompt (lm-eval's)."),
+        click.option("--apply-chat-template", "--apply_chat_template", "apply_chat_template", is_flag=True, help="Prompt through the tokenizer's chat template."),
+        click.option("--fewshot-as-multiturn/--no-fewshot-as-multiturn", "--fewshot_as_multiturn", "fewshot_as_multiturn",
+                     default=None,
                      help="Few-shot examples as chat turns (lm-eval's default: on with --apply-chat-template)."),
-        click.option("--gen-kwargs", default=None, help="Generation arguments for generate_until tasks, e.g. "
+        click.option("--gen-kwargs", "--gen_kwargs", "gen_kwargs", default=None, help="Generation arguments for generate_until tasks, e.g. "
                                                         "temperature=0,max_gen_toks=32."),
         click.option("--seed", type=int, default=None, help="lm-eval's random, numpy, torch and few-shot seeds."),
-        click.option("--log-samples", is_flag=True, help="Also write lm-eval's per-sample records."),
+        click.option("--log-samples", "--log_samples", "log_samples", is_flag=True, help="Also write lm-eval's per-sample records."),
     ]):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def batch_size_option(help_text: str = "Documents per forward pass, or auto (lm-eval's detection; forgetting then "
+                                       "uses 8)."):
+    return click.option("--batch-size", "--batch_size", "batch_size", default="8", show_default=True,
+                        callback=parse_batch_size, help=help_text)
+
+
+def task_options(f):
+    """What a sweep measures: ``--task`` (also lm-eval's ``--tasks``), ``--forgetting``, ``--limit``."""
+    for opt in reversed([
+        click.option("--task", "--tasks", "tasks", multiple=True, callback=parse_task_list,
+                     help="lm-eval task: a registered name or a local task YAML path (repeatable, or a comma list)."),
+        click.option("--forgetting", default="base-samples", show_default=True,
+                     help="Reference corpus: a .txt/.jsonl file, an lm-eval rolling task, or base-samples[:N]."),
+        click.option("--limit", type=int, default=None, help="Evaluate at most N task examples."),
+    ]):
+        f = opt(f)
+    return f

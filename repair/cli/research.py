@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from repair.cli.options import detect_options, eval_options, handle_errors, parse_batch_size
+from repair.cli.options import batch_size_option, detect_options, eval_options, handle_errors
 
 
 @click.command()
@@ -35,8 +35,7 @@ def finetune(recipe, out, overwrite, overrides):
 @click.option("--limit", type=int, default=None, help="Evaluate at most N examples per task.")
 @click.option("--forgetting", default="base-samples:64", show_default=True,
               help="Forgetting corpus (see `repair sweep`): base-samples:N, a text file, or a dataset.")
-@click.option("--batch-size", default="8", show_default=True, callback=parse_batch_size,
-              help="Documents per forward pass and lm-eval's batch size (an integer, or auto).")
+@batch_size_option("Documents per forward pass and lm-eval's batch size (an integer, or auto).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe field before validation, e.g. --set repair.scale=0 (repeatable).")
@@ -105,27 +104,23 @@ def figures(base, tuned, out, k_max, checkpoints, history, forgetting_spec, batc
 
 @click.command()
 @click.option("--out", default="intruder-repair-demo", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Output folder (reruns reuse it).")
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder (replaced on a rerun).")
 @click.option("--retrain", is_flag=True, help="Rebuild the demo adapter from its recipe first (about 5 min).")
-@click.option("--limit", default=200, show_default=True, type=int, help="Task examples per evaluation.")
+@click.option("--limit", default=100, show_default=True, type=int, help="Task examples per evaluation.")
 @handle_errors
 def demo(out, retrain, limit):
-    """Detect, sweep and patch the bundled LoRA adapter of the embedded default model (SmolLM2-135M)."""
+    """`repair release` on the embedded default (SmolLM2-135M) and its bundled LoRA adapter: detect, sweep three λ,
+    pick within a 2-point accuracy budget, and write the folder to publish."""
     import os
+    import sys
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # the demo's data is all local: never wait on a hub
         os.environ.setdefault(var, "1")
-    from evals.measure.results import markdown_table
-    from repair.cli.demo import run_demo
-    from repair.detection.report import render_table
+    from repair.cli.demo import BASE, demo_adapter, demo_options
+    from repair.cli.release import release_and_report
 
-    result = run_demo(out, retrain, limit)
-    click.echo(render_table(result.detection, worst=5))
-    click.echo("\n" + markdown_table(result.sweep) + "\n")
-    click.echo(f"Detection report: {out / 'detect.json'}")
-    click.echo(f"Sweep: {out / 'sweep' / 'sweep.json'} and {out / 'sweep' / 'tradeoff.png'}")
-    click.echo(f"Figures: {out / 'figures'}")
-    click.echo("\n" + result.verdict())
+    adapter = demo_adapter(out, retrain)
+    sys.exit(release_and_report(BASE, str(adapter), demo_options(out, limit)))
 
 
 @click.group()

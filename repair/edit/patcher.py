@@ -274,6 +274,44 @@ def _write(src: PairSource, opts: PatchOptions, plan: Plan | None, tmp: Path, me
     return writer.finalize()
 
 
+def check_adapter_format(src: PairSource, tuned: str) -> None:
+    """``format adapter`` needs TUNED to be a PEFT LoRA adapter whose factors a LoRA of higher rank extends."""
+    if src.adapter is None:
+        merged = src.merged_adapter
+        kind = "LoRA adapter on fused expert parameters" if merged is not None and merged.target_parameters else (
+            f"{merged.peft_type} adapter" if merged is not None else "")
+        what = (f"a {kind}, which is merged for analysis and has no LoRA factors to extend" if merged is not None
+                else "a full checkpoint")
+        raise RepairError(f"format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
+                          "use --format merged.")
+    if any("lora_E" in keys for keys in src.adapter.module_keys.values()):  # AdaLoRA, known without peft
+        raise RepairError(f"format adapter: {tuned} is an AdaLoRA adapter, whose factors (B·(A ⊙ E), divided by "
+                          "ranknum) a LoRA of higher rank cannot extend in its own format; use --format merged.")
+
+
+def adapter_format_allowed(src: PairSource) -> bool:
+    try:
+        check_adapter_format(src, "")
+    except RepairError:
+        return False
+    return True
+
+
+def copy_adapter(src: PairSource, out: Path, overwrite: bool = False) -> list[Path]:
+    """TUNED's adapter unchanged (λ = 1, or no intruder to edit): its config, weights and side files, copied
+    atomically to ``out``."""
+    folder = src.tuned_source.path
+    try:
+        with atomic_output_dir(out, overwrite) as tmp:
+            for f in src.tuned_files():
+                shutil.copyfile(f, tmp / f.name)
+            _copy_side_files(folder, tmp, skip=(REPORT_NAME,))
+            files = sorted(p.name for p in tmp.iterdir())
+    except OSError as e:
+        raise OutputError(f"out {out}: writing failed ({e.strerror or e}); nothing was written.") from e
+    return [out / f for f in files]
+
+
 def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
     """Rescale the intruders of TUNED and write the result to ``opts.out`` atomically."""
     plan = Plan.read(opts.plan) if opts.plan else None
@@ -282,18 +320,8 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
         logger.warning("plan %s was made for %s / %s, applying it to %s / %s",
                        opts.plan, plan.base, plan.tuned, base, tuned)
     src = opts.detect.pairs(base, tuned)
-    if opts.format == "adapter" and src.adapter is None:
-        merged = src.merged_adapter
-        kind = "LoRA adapter on fused expert parameters" if merged is not None and merged.target_parameters else (
-            f"{merged.peft_type} adapter" if merged is not None else "")
-        what = (f"a {kind}, which is merged for analysis and has no LoRA factors to extend" if merged is not None
-                else "a full checkpoint")
-        raise RepairError(f"format adapter: TUNED must be a PEFT LoRA adapter, but {tuned} is {what}; "
-                          "use --format merged.")
-    if opts.format == "adapter" and src.adapter is not None and \
-            any("lora_E" in keys for keys in src.adapter.module_keys.values()):  # AdaLoRA, known without peft
-        raise RepairError(f"format adapter: {tuned} is an AdaLoRA adapter, whose factors (B·(A ⊙ E), divided by "
-                          "ranknum) a LoRA of higher rank cannot extend in its own format; use --format merged.")
+    if opts.format == "adapter":
+        check_adapter_format(src, tuned)
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
     hashed: list[Provenance] = []  # sha256 of the inputs releases the GIL: it overlaps the spectra
     join = in_background(lambda: hashed.append(_provenance(src, base, tuned, opts)))

