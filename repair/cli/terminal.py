@@ -81,12 +81,53 @@ def library_output_to(log: Path, verbose: int = 0) -> Iterator[None]:
             _restore_fd2(fd)
 
 
-def _open_log(log: Path):
+class _LogStream:
+    """The log file as other libraries' stderr: a write the disk refuses (full, read-only) is dropped and
+    remembered, never raised into lm-eval's or tqdm's code; the run's own outputs report such a disk."""
+
+    def __init__(self, fh):
+        self._fh, self.failed = fh, None
+
+    def write(self, text: str) -> int:
+        try:
+            return self._fh.write(text)
+        except OSError as e:
+            self.failed = self.failed or e
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._fh.flush()
+        except OSError as e:
+            self.failed = self.failed or e
+
+    def close(self) -> None:
+        self.flush()
+        with suppress(OSError):
+            self._fh.close()
+
+    def fileno(self) -> int:
+        return self._fh.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._fh, name)
+
+
+def _open_log(log: Path) -> _LogStream:
     from repair.errors import OutputError
 
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
-        return open(log, "a", encoding="utf-8")
+        return _LogStream(open(log, "a", encoding="utf-8"))
     except OSError as e:
         raise OutputError(f"out {log.parent}: the run's log {log.name} could not be written "
                           f"({e.strerror or e}); nothing was run.") from e
@@ -112,7 +153,11 @@ def _redirect_fd2(fh) -> int | None:
     except (OSError, AttributeError, ValueError):
         return None
     fh.flush()
-    os.dup2(fh.fileno(), 2)
+    try:
+        os.dup2(fh.fileno(), 2)
+    except OSError:
+        os.close(saved)
+        return None
     return saved
 
 
