@@ -6,7 +6,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from evals.release.card import table_cells
+from evals.release.card import table_cells, what_was_done
 from evals.release.model import ReleaseReport
 from repair.detection.report import DetectionReport
 
@@ -42,8 +42,6 @@ def _figure(png: Path | None, caption: str) -> str:
 def render(report: ReleaseReport, detection: DetectionReport, tradeoff: Path | None, similarity: Path | None,
            worst: int = 8) -> str:
     """The whole page as a string."""
-    from evals.release.card import what_was_done
-
     tasks = report.tasks
     types = [[t, str(s.matrices), str(s.matrices_with_intruders), str(s.intruders)]
              for t, s in sorted(detection.by_module_type.items())]

@@ -23,13 +23,13 @@ from repair.detection.detector import DetectOptions, detect
 from repair.detection.report import DetectionReport
 from repair.errors import OutputError, RepairError, RunFailed
 from repair.io.archs import EMBEDDED_MODELS
+from repair.io.sources import looks_like_hub_id
 from repair.io.writer import check_output_dir
 from repair.runtime.durable import atomic_output_dir, write_text_atomic
 from repair.runtime.progress import stage
 
 logger = logging.getLogger(__name__)
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,16 @@ def log_path(out: Path) -> Path:
     return work_dir(out) / "logs" / "run.log"
 
 
-def check_release(base: str, tuned: str, opts: ReleaseOptions) -> str:
-    """Every check that needs no model (exit 2 before anything is loaded or written); the format to write."""
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found: the format to write and TUNED's local folder (for its model card)."""
+
+    format: str
+    tuned_folder: Path
+
+
+def check_release(base: str, tuned: str, opts: ReleaseOptions) -> Checked:
+    """Every check that needs no model (exit 2 before anything is loaded or written)."""
     opts.validate()
     src = opts.detect.pairs(base, tuned)
     from repair.edit.patcher import adapter_format_allowed, check_adapter_format
@@ -94,22 +102,22 @@ def check_release(base: str, tuned: str, opts: ReleaseOptions) -> str:
         check_adapter_format(src, tuned)
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
     check_sweep(base, tuned, dataclasses.replace(opts.sweep(work_dir(opts.out), fmt), write_picked=False))
-    return fmt
+    return Checked(fmt, src.tuned_source.path)
 
 
 def run_release(base: str, tuned: str, opts: ReleaseOptions) -> ReleaseReport:
     """Detect, sweep, pick and write ``opts.out``; the report says whether it is ready (``ready``)."""
-    fmt = check_release(base, tuned, opts)
+    checked = check_release(base, tuned, opts)
     stage(f"Detecting intruder dimensions of {tuned} against {base}")
     detection = detect(base, tuned, opts.detect)
     stage(f"Found {detection.total_intruders} intruders in "
           f"{sum(bool(m.intruders) for m in detection.matrices)} of {len(detection.matrices)} matrices")
     work = work_dir(opts.out)
     try:
-        sweep = run_sweep(base, tuned, opts.sweep(work, fmt))
-        report = _report(base, tuned, opts, fmt, detection, sweep)
+        sweep = run_sweep(base, tuned, opts.sweep(work, checked.format))
+        report = _report(base, tuned, opts, checked, detection, sweep)
         stage(f"Writing the release to {opts.out}")
-        _publish(opts, work, report, detection)
+        _publish(opts, work, report, detection, checked.tuned_folder)
     except RunFailed:
         raise
     except OutputError as e:
@@ -127,19 +135,19 @@ def base_model_id(base: str, tuned_folder: Path) -> str | None:
     ref = base.partition("@")[0]
     if ref in EMBEDDED_MODELS:
         return EMBEDDED_MODELS[ref].hub_id
-    if _HUB_ID.match(ref) and not Path(ref).exists():
+    if looks_like_hub_id(ref):
         return ref
     config = tuned_folder / "adapter_config.json"
     if config.is_file():
         named = json.loads(config.read_text()).get("base_model_name_or_path") or ""
         if named in EMBEDDED_MODELS:
             return EMBEDDED_MODELS[named].hub_id
-        if _HUB_ID.match(named) and not Path(named).exists():
+        if looks_like_hub_id(named):
             return named
     return None
 
 
-def _report(base: str, tuned: str, opts: ReleaseOptions, fmt: str, detection: DetectionReport,
+def _report(base: str, tuned: str, opts: ReleaseOptions, checked: Checked, detection: DetectionReport,
             sweep: SweepReport) -> ReleaseReport:
     scale = sweep.pick.scale  # λ = 1 is always swept, so a λ meets any budget
     released = next(p for p in sweep.points if p.scale == scale)
@@ -164,13 +172,14 @@ def _report(base: str, tuned: str, opts: ReleaseOptions, fmt: str, detection: De
     return ReleaseReport(
         tool_version=__version__, command=opts.command or f"repair release {base} {tuned}", verdict=verdict,
         ready=not gate, reason=reason, base=base, tuned=tuned,
-        base_model=base_model_id(base, opts.detect.pairs(base, tuned).tuned_source.path), format=fmt, scale=scale,
+        base_model=base_model_id(base, checked.tuned_folder), format=checked.format, scale=scale,
         rule=sweep.pick.rule, max_acc_drop=opts.max_acc_drop, fail_above=opts.fail_above, found=found,
         edited_directions=sum(len(m.intruders) for m in edited), edited_matrices=len(edited), limit=opts.limit,
         forgetting=opts.forgetting, corpus_documents=sweep.corpus_documents, rows=evidence(sweep, scale))
 
 
-def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection: DetectionReport) -> None:
+def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection: DetectionReport,
+             tuned_folder: Path) -> None:
     """The folder to publish, written whole in a temporary sibling and renamed to ``out``."""
     from evals.release.card import release_card, source_card
     from evals.release.page import render
@@ -178,7 +187,6 @@ def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection:
     logs = work / "logs"
     detection.write_json(logs / "detect.json")
     similarity = _similarity_figure(report.base, report.tuned, opts.detect, detection, logs / "similarity.png")
-    tuned_folder = opts.detect.pairs(report.base, report.tuned).tuned_source.path
     try:
         with atomic_output_dir(opts.out, opts.overwrite) as tmp:
             for f in sorted((logs / PICKED_DIR).iterdir()):

@@ -76,6 +76,10 @@ def library_output_to(log: Path, verbose: int = 0) -> Iterator[None]:
             root.handlers, root.level = saved[0], saved[1]
             progress.setLevel(saved[2])
             progress.propagate = saved[3]
+            fh.flush()  # a buffered write the disk refuses fails here, not at close
+            if fh.failed is not None:
+                console.write(f"warning: the run's log {log} is incomplete: the disk refused a write "
+                              f"({fh.failed.strerror or fh.failed}).\n")
             if console is not saved[4]:
                 console.close()
             _restore_fd2(fd)

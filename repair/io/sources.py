@@ -52,6 +52,11 @@ class ModelSource:
         return self.path.is_dir() and (self.path / "adapter_config.json").is_file()
 
 
+def looks_like_hub_id(ref: str) -> bool:
+    """``owner/name`` that is no local path: what ``resolve`` would fetch from the hub."""
+    return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/")) and not Path(ref).expanduser().exists()
+
+
 def demo_dir() -> Path:
     """The LoRA adapter bundled with the package (of ``smollm2-135m``), with its recipe and training log."""
     return Path(str(resources.files("repair") / "demo"))
