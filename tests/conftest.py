@@ -120,23 +120,42 @@ def same_records(a: list, b: list, rel: float = 1e-6, tol: float = 1e-6) -> bool
     return close([m.model_dump() for m in a], [m.model_dump() for m in b])
 
 
-@pytest.fixture(scope="session")
-def llama_base(tmp_path_factory) -> Path:
-    return save_model(tiny_llama(), tmp_path_factory.mktemp("llama") / "base")
+def _tree_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def frozen(request, path: Path) -> Path:
+    """A session fixture's folder, checked at the end of the run to be exactly as built: a test that edits a
+    shared fixture (instead of a copy in tmp_path) makes later tests depend on the order they run in."""
+    folder = path if path.is_dir() else path.parent
+    built = _tree_digest(folder)
+
+    def unchanged() -> None:
+        assert _tree_digest(folder) == built, f"a test changed the shared fixture {folder}; copy it into tmp_path"
+    request.addfinalizer(unchanged)
+    return path
 
 
 @pytest.fixture(scope="session")
-def gpt2_base(tmp_path_factory) -> Path:
-    return save_model(tiny_gpt2(), tmp_path_factory.mktemp("gpt2") / "base")
+def llama_base(tmp_path_factory, request) -> Path:
+    return frozen(request, save_model(tiny_llama(), tmp_path_factory.mktemp("llama") / "base"))
 
 
 @pytest.fixture(scope="session")
-def llama_adapter(llama_base, tmp_path_factory) -> Path:
+def gpt2_base(tmp_path_factory, request) -> Path:
+    return frozen(request, save_model(tiny_gpt2(), tmp_path_factory.mktemp("gpt2") / "base"))
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(llama_base, tmp_path_factory, request) -> Path:
     """r=4 LoRA on attention and MLP; layer 0 strong (intruders), layer 1 weak (none)."""
     out = tmp_path_factory.mktemp("llama") / "adapter"
-    return make_adapter(tiny_llama, llama_base, out, r=4, lora_alpha=8,
-                        target_modules=["q_proj", "v_proj", "down_proj"],
-                        scales={"layers.0.": 1.0, "layers.1.": 1e-3})
+    return frozen(request, make_adapter(tiny_llama, llama_base, out, r=4, lora_alpha=8,
+                                        target_modules=["q_proj", "v_proj", "down_proj"],
+                                        scales={"layers.0.": 1.0, "layers.1.": 1e-3}))
 
 
 def write_mc_task(folder: Path, name: str = "tiny_add", n: int = 24, op: str = "+") -> Path:
@@ -171,15 +190,15 @@ CORPUS = [
 
 
 @pytest.fixture(scope="session")
-def mc_task(tmp_path_factory) -> Path:
-    return write_mc_task(tmp_path_factory.mktemp("tasks"))
+def mc_task(tmp_path_factory, request) -> Path:
+    return frozen(request, write_mc_task(tmp_path_factory.mktemp("tasks")))
 
 
 @pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory) -> Path:
+def corpus_file(tmp_path_factory, request) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "ref.txt"
     path.write_text("\n".join(CORPUS[:3]) + "\n\n" + "\n".join(CORPUS[3:]) + "\n")
-    return path
+    return frozen(request, path)
 
 
 def plain_merge(base: Path, tuned: Path, merged: Path, out: Path) -> tuple[dict, dict, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from repair.cli import main
@@ -39,20 +40,57 @@ def test_detect_table_json_and_gate(runner, llama_base, llama_adapter, tmp_path)
                                 "--fail-above", str(total)]).exit_code == 0
 
 
+def oracle(base, adapter, top_k: int) -> dict[str, tuple]:
+    """Per adapted matrix, from peft's merge and float64 SVDs: σ, max|cos| on the left and on the right."""
+    from conftest import merged_state, tiny_llama
+    from safetensors.torch import load_file
+
+    W0s, merged = load_file(base / "model.safetensors"), merged_state(tiny_llama, adapter)
+    out = {}
+    for name, W0 in W0s.items():
+        if W0.ndim != 2 or torch.equal(W0, merged[name]) or "embed" in name:
+            continue
+        U, S, Vh = torch.linalg.svd(merged[name].double(), full_matrices=False)
+        U0, _, V0h = torch.linalg.svd(W0.double(), full_matrices=False)
+        out[name] = (S[:top_k], (U[:, :top_k].T @ U0).abs().amax(1), (Vh[:top_k] @ V0h.T).abs().amax(1))
+    return out
+
+
 def test_detect_options_change_the_answer(runner, llama_base, llama_adapter, tmp_path):
-    out = tmp_path / "r.json"
-    res = runner.invoke(main, ["detect", str(llama_base), str(llama_adapter), "--modules", r"q_proj",
-                               "--top-k", "3", "--side", "both", "--json", str(out)])
-    assert res.exit_code == 0, res.output
-    report = json.loads(out.read_text())
-    assert report["side"] == "both" and {m["module_type"] for m in report["matrices"]} == {"q_proj"}
-    assert all(len(m["max_cos"]) == 3 and m["max_cos_right"] is not None for m in report["matrices"])
+    """--modules, --top-k, --side and --epsilon against float64 SVDs of peft's merge: the matrices, σ and both
+    sides' max|cos| are the oracle's, and the intruders are exactly the oracle's at each ε."""
+    truth = {n: v for n, v in oracle(llama_base, llama_adapter, 3).items() if "q_proj" in n}
+    assert len(truth) == 2
+    for eps, side in ((0.5, "both"), (0.9, "left"), (0.2, "right")):
+        out = tmp_path / f"r{eps}.json"
+        res = runner.invoke(main, ["detect", str(llama_base), str(llama_adapter), "--modules", r"q_proj",
+                                   "--top-k", "3", "--side", side, "--epsilon", str(eps), "--json", str(out)])
+        assert res.exit_code == 0, res.output
+        report = json.loads(out.read_text())
+        assert report["side"] == side and {m["name"] for m in report["matrices"]} == set(truth)
+        for m in report["matrices"]:
+            S, left, right = truth[m["name"]]
+            exact = {"left": left, "right": right, "both": torch.maximum(left, right)}[side]  # the decisive value
+            lo, hi = torch.tensor(m["max_cos"]).double(), torch.tensor(m["max_cos_upper"]).double()
+            assert m["sigma"] == pytest.approx(S.tolist(), rel=1e-5)
+            assert ((lo <= exact + 1e-5) & (exact <= hi + 1e-5)).all(), (m["name"], lo, exact, hi)
+            for got, want in ((m["max_cos_left"], left), (m["max_cos_right"], right)):
+                assert got is None or (torch.tensor(got).double() <= want + 1e-5).all()
+            assert (m["max_cos_left"] is None) == (side == "right")
+            assert (m["max_cos_right"] is None) == (side == "left")
+            assert (exact - eps).abs().min() > 1e-3  # so the oracle's answer is not a rounding question
+            assert m["intruders"] == torch.nonzero(exact < eps).flatten().tolist(), (eps, side, m["name"])
 
 
-def test_detect_full_checkpoint_against_itself(runner, llama_base):
-    res = runner.invoke(main, ["detect", str(llama_base), str(llama_base)])
+def test_detect_full_checkpoint_against_itself(runner, llama_base, tmp_path):
+    """A model against itself: every max|cos| is 1 (float64 says so trivially), so there are no intruders."""
+    out = tmp_path / "self.json"
+    res = runner.invoke(main, ["detect", str(llama_base), str(llama_base), "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert "total" in res.output and "Worst matrices" not in res.output
+    report = json.loads(out.read_text())
+    assert report["matrices"] and report["total_intruders"] == 0
+    assert all(not m["intruders"] and min(m["max_cos"]) > 1 - 1e-5 for m in report["matrices"])
 
 
 @pytest.mark.parametrize("args, message", [

@@ -266,3 +266,29 @@ def test_compare_draws_base_samples_from_base_or_refuses(llama_base, llama_adapt
     assert compare["rows"][0]["forgetting_nll"] == pytest.approx(sweep["tuned"]["forgetting_nll"], rel=1e-4)
 
 
+
+
+def test_lm_eval_environment_report_is_collected_once_a_process(llama_base, llama_adapter, mc_task, corpus_file,
+                                                                  tmp_path, monkeypatch):
+    """simple_evaluate adds torch's environment report to every result; collecting it runs `pip list` and more
+    (about a second). A sweep collects it once however many points it measures, and every result file keeps it."""
+    import torch.utils.collect_env as collect_env
+
+    from evals.measure import accuracy
+
+    calls: list[int] = []
+
+    def collector() -> str:
+        calls.append(1)
+        return "the environment report"
+
+    monkeypatch.setattr(collect_env, "get_pretty_env_info", collector)
+    monkeypatch.setattr(accuracy, "_ENVIRONMENT", [])
+    res = CliRunner().invoke(main, ["sweep", str(llama_base), str(llama_adapter), "--scales", "0,0.5", "--task",
+                                    str(mc_task), "--limit", "4", "--forgetting", str(corpus_file), "--out",
+                                    str(tmp_path / "sw")])
+    assert res.exit_code == 0, res.output
+    results = sorted((tmp_path / "sw").rglob("results_*.json"))
+    assert len(results) >= 4 and len(calls) == 1
+    assert all(json.loads(p.read_text())["pretty_env_info"] == "the environment report" for p in results)
+    assert collect_env.get_pretty_env_info is collector  # lm-eval's own function is back in place

@@ -7,6 +7,8 @@ import difflib
 import functools
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,6 +239,30 @@ def columns_fingerprint(columns: list[TaskColumn]) -> list:
     return out
 
 
+_ENVIRONMENT: list[str] = []  # torch's environment report, once collected
+
+
+@contextmanager
+def environment_collected_once() -> Iterator[None]:
+    """Inside: torch's environment report, which ``simple_evaluate`` adds to every result, is collected once a
+    process. Collecting it runs ``pip list`` and other commands in subprocesses, about a second a call, and it
+    cannot change between the calls of one process; lm-eval's results keep it whole."""
+    import torch.utils.collect_env as collect_env
+
+    real = collect_env.get_pretty_env_info
+
+    def once() -> str:
+        if not _ENVIRONMENT:
+            _ENVIRONMENT.append(real())
+        return _ENVIRONMENT[0]
+
+    collect_env.get_pretty_env_info = once
+    try:
+        yield
+    finally:
+        collect_env.get_pretty_env_info = real
+
+
 def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, record=None,
                      model_args: str = "") -> dict[str, TaskScore]:
     """Each column's score: one ``simple_evaluate`` call per distinct set of flags, all its tasks at once, as
@@ -253,8 +279,9 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
         folders = tuple(sorted({f for _, f, _ in resolved if f}))
         names = list(dict.fromkeys(n for _, _, n in resolved))
         tracker = record.tracker() if record is not None else None
-        out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders), limit=limit,
-                              evaluation_tracker=tracker, model_args=model_args, **settings.kwargs())
+        with environment_collected_once():
+            out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders), limit=limit,
+                                  evaluation_tracker=tracker, model_args=model_args, **settings.kwargs())
         for label, _, name in resolved:
             if out is None or name not in out["results"]:
                 raise RepairError(f"task {name}: lm-eval returned no results for it.")

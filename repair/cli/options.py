@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
 
@@ -17,12 +18,19 @@ class UsageFailure(click.ClickException):
         self.exit_code = exit_code
 
 
+# What the machine says when it refuses a file operation: the runner's to fix, not the command (exit 3).
+REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.EFBIG,
+                      errno.EMFILE, errno.ENFILE})
+
+
 def handle_errors(fn):
-    """Turn the library's ``RepairError`` into one clear sentence and its exit code (traceback with --debug)."""
+    """Turn the library's ``RepairError`` into one clear sentence and its exit code, and so a refusal by the
+    machine that reached no handler of the library (another library's cache or lock file on a full disk):
+    exit 3, the file named. A traceback with --debug."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from repair.errors import RepairError
+        from repair.errors import OutputError, RepairError
 
         try:
             return fn(*args, **kwargs)
@@ -30,6 +38,13 @@ def handle_errors(fn):
             if click.get_current_context().find_root().params.get("debug"):
                 raise
             raise UsageFailure(in_flags(str(e), click.get_current_context().command), e.exit_code) from e
+        except OSError as e:
+            if e.errno not in REFUSALS or click.get_current_context().find_root().params.get("debug"):
+                raise
+            where = e.filename if e.filename is not None else "a file"
+            raise UsageFailure(f"{where}: the machine refused the operation ({e.strerror or e}); free space or fix "
+                               "the permissions there, then run the same command again.",
+                               OutputError.exit_code) from e
 
     return wrapper
 

@@ -177,13 +177,23 @@ def _restore_fd2(saved: int | None) -> None:
 def quietly(verbose: int, fn, *args):
     """``fn(*args)`` with other libraries' output kept aside (a first run's model fetch and conversion bars);
     returns ``(result, that output)`` for the caller to put in its log once it may write one."""
+    import shutil
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="intruder-repair-") as tmp:
-        log = Path(tmp) / "early.log"
+    from repair.errors import OutputError
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="intruder-repair-"))
+    except OSError as e:
+        raise OutputError(f"TMPDIR {tempfile.gettempdir()}: no temporary folder could be made there "
+                          f"({e.strerror or e}); free space there or point TMPDIR elsewhere.") from e
+    try:
+        log = tmp / "early.log"
         with library_output_to(log, verbose):
             result = fn(*args)
         return result, log.read_text() if log.is_file() else ""
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def start_log(log: Path, text: str) -> None:

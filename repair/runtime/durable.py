@@ -129,8 +129,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise RepairError(f"out {out}: something was written there during the run; nothing was replaced "
                               "(pass --overwrite to replace it).")
-        _swap(tmp, out)
-        shutil.rmtree(tmp, ignore_errors=True)  # the old output, swapped out
+        shutil.rmtree(_swap(tmp, out), ignore_errors=True)  # the old output, swapped out
         return
     os.rename(tmp, out)  # onto nothing, or onto an empty folder (fails if one was filled meanwhile)
     try:
@@ -140,15 +139,16 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         raise
 
 
-def _swap(tmp: Path, out: Path) -> None:
-    """Exchange ``tmp`` (new) and ``out`` (old) and sync: afterwards ``tmp`` holds the old output."""
+def _swap(tmp: Path, out: Path) -> Path:
+    """Put ``tmp`` (new) in place of ``out`` (old) and sync; return where the old output now is. Once the new
+    output is in place and synced nothing can fail: removing the old one is the caller's cleanup."""
     if _exchange(tmp, out):
         try:
             fsync_dir(out.parent)
         except OSError:
             _exchange(tmp, out)  # the old output back in place; the caller removes the new one
             raise
-        return
+        return tmp
     aside = out.with_name(f".{out.name}{TMP_MARKER}old-{os.getpid()}")  # no atomic swap here: a moment apart
     os.replace(out, aside)
     try:
@@ -159,7 +159,7 @@ def _swap(tmp: Path, out: Path) -> None:
             os.replace(out, tmp)
         os.replace(aside, out)
         raise
-    os.replace(aside, tmp)
+    return aside
 
 
 @contextmanager
