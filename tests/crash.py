@@ -45,7 +45,6 @@ def arm(kind: str, n: int) -> None:
 
 
 def _before(real, hit):
-
     def before(*args, **kwargs):
         if hit():
             os.kill(os.getpid(), signal.SIGKILL)

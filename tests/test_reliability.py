@@ -314,7 +314,8 @@ def svd_oracle(report_path: Path, tuned: dict) -> None:
     for m in report["matrices"]:
         assert m["name"] in tuned, m["name"]
         S = torch.linalg.svdvals(tuned[m["name"]].double())[: len(m["sigma"])]
-        assert m["sigma"] == pytest.approx(S.tolist(), rel=1e-4, abs=1e-6), m["name"]
+        # Weyl: float32 work moves every σ by up to a few float32 roundings of the largest (fuzzed α reach 1e4)
+        assert m["sigma"] == pytest.approx(S.tolist(), rel=1e-4, abs=1e-6 + 2e-6 * float(S[0])), m["name"]
 
 
 def safetensors_reads(path: Path) -> dict | None:

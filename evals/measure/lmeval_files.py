@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from repair.errors import OutputError, RepairError
+from repair.errors import OutputError
 from repair.runtime.durable import atomic_output_dir
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,12 @@ class LmEvalRecord:
         before = set(self.staging.rglob("results_*.json"))
         tracker.save_results_aggregated(results=results, samples=samples)
         written = set(self.staging.rglob("results_*.json")) - before
-        if not written:  # lm-eval logs a warning and carries on; an incomplete record is not published
-            raise RepairError(f"{self.dest}: lm-eval could not write its results file there (see its warning).")
+        if not written:  # lm-eval logs the refused write as a warning and carries on: the machine refused it (exit 3)
+            raise OutputError(f"{self.dest}: lm-eval could not write its results file there (see its warning).")
         for task_name in results["configs"] if samples else ():
             tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
             if not any(self.staging.rglob(f"samples_{task_name}_{tracker.date_id}.jsonl")):
-                raise RepairError(f"{self.dest}: lm-eval could not write the samples of {task_name} there.")
+                raise OutputError(f"{self.dest}: lm-eval could not write the samples of {task_name} there.")
 
 
 @contextlib.contextmanager

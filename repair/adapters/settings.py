@@ -131,12 +131,9 @@ def _check_fields(config, where: str) -> None:
     if not (targets is None or isinstance(targets, str)
             or (isinstance(targets, list | set | tuple) and all(isinstance(t, str) for t in targets))):
         raise CheckpointError(f"{where}: target_modules must be a string or a list of strings, got {targets!r}.")
-    if targets is None and not getattr(config, "target_parameters", None):
-        raise CheckpointError(f"{where}: target_modules is missing; peft would infer it from the base's architecture "
-                              "and ignore stored factors of any other module, so name the adapted modules.")
-    if isinstance(targets, list | set | tuple) and not targets and not getattr(config, "target_parameters", None):
-        raise CheckpointError(f"{where}: target_modules is empty, so the adapter adapts no module (peft refuses "
-                              "to load it).")
+    if not targets and not getattr(config, "target_parameters", None):  # None: peft infers it, [] it refuses
+        raise CheckpointError(f"{where}: target_modules is missing or empty; name the adapted modules (peft would "
+                              "infer or refuse them, ignoring the stored factors of any other module).")
 
 
 def rank_and_scaling(config, module: str) -> tuple[int, float]:
