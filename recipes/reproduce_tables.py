@@ -143,7 +143,8 @@ def rank_sweep_table(folder: Path) -> str:
 def rank_sweep_plots(folder: Path) -> None:
     """Fig. 9 (forgetting against rank, one line per α rule, full fine-tuning as a line), Fig. 6 (effective
     rank of ΔW against rank), and Fig. 5 and 11 (one curve per fine-tune), from the stored figures.json."""
-    from repair.figures.curves import plot_counts, pyplot, save_figure
+    from repair.figures.curves import plot_counts
+    from repair.figures.render import pyplot, save_figure
 
     figures, _ = _rank_reports(folder)
     plot_counts(figures.adapters, folder)  # Fig. 5 and 11 again, from the stored curves

@@ -213,3 +213,12 @@ def plain_merge(base: Path, tuned: Path, merged: Path, out: Path) -> tuple[dict,
     assert res.exit_code == 0, res.output
     return (load_file(out / "model.safetensors"), load_file(merged / "model.safetensors"),
             load_file(base / "model.safetensors"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Say the random order's seed even under ``-q`` (pytest-randomly prints it only in the header, which -q
+    hides), so a failure that depends on order can be rerun in that order."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and not getattr(config.option, "randomly_dont_reorganize", False):
+        terminalreporter.write_line(f"random order: seed {seed} (the same order: python -m pytest -q "
+                                    f"--randomly-seed={seed})")

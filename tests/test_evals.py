@@ -292,3 +292,17 @@ def test_lm_eval_environment_report_is_collected_once_a_process(llama_base, llam
     assert len(results) >= 4 and len(calls) == 1
     assert all(json.loads(p.read_text())["pretty_env_info"] == "the environment report" for p in results)
     assert collect_env.get_pretty_env_info is collector  # lm-eval's own function is back in place
+
+
+def test_shipped_tasks_load_without_indexing_every_lm_eval_task(tmp_path, monkeypatch):
+    """The project's own tasks are standalone YAMLs: lm-eval's index of its own few thousand tasks (seconds to
+    build, once per task folder) is not built for them, and lm-eval loads the same documents as the data file."""
+    from evals.measure.accuracy import load_tasks, task_manager_for, task_yaml
+
+    monkeypatch.setenv("INTRUDER_REPAIR_CACHE", str(tmp_path / "cache"))
+    tm, name = task_manager_for("addition")
+    assert name == "addition" and tm.all_tasks == ["addition"]  # nothing of lm-eval's own
+    task = load_tasks(tm, name, "--task")["addition"]
+    data = task_yaml("addition").read_text().split("test: ")[1].split("\n")[0]
+    first = json.loads(Path(data).read_text().splitlines()[0])
+    assert task.doc_to_text(next(iter(task.test_docs()))) == first["prompt"]

@@ -74,9 +74,32 @@ def test_patched_embedded_default_still_generates(smollm2, smollm2_adapter, tmp_
     assert "Paris" in _generate(out)
 
 
-def test_release_on_embedded_default(smollm2, tmp_path):
-    """The issue's command: exit 0; the adapter loads with peft and merges to `repair patch --format merged` at the
-    released λ; the card parses and its table is release.json's; the sweep saw the adapter learn and forget."""
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """``repair demo`` once (it is ``repair release`` on the embedded default and the bundled adapter): its
+    output and folder, read by the tests below."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "20"])
+    assert res.exit_code == 0, res.output
+    return res.output, out
+
+
+def test_demo_runs_end_to_end(demo):
+    output, out = demo
+    lines = output.splitlines()
+    assert len(lines) <= 60 and not any("lm_eval" in x or "WARNING" in x for x in lines), output
+    assert lines[-1].startswith(f"Wrote {out}/") and any(x.startswith("Release ") for x in lines)
+    report = json.loads((out / "release.json").read_text())
+    assert report["command"] == "repair demo" and report["found"]["intruders"] == 47
+    for f in ["README.md", "report.html", "adapter_config.json", "adapter_model.safetensors", "logs/sweep.json",
+              "logs/tradeoff.png", "logs/similarity.png", "logs/detect.json", "logs/run.log"]:
+        assert (out / f).is_file(), f
+    assert "lm_eval" in (out / "logs" / "run.log").read_text()  # lm-eval's own log went to the file
+
+
+def test_release_on_embedded_default(smollm2, demo, tmp_path):
+    """The release the demo made: the adapter loads with peft and merges to `repair patch --format merged` at
+    the released λ; the card parses and its table is release.json's; the sweep saw the adapter learn and forget."""
     from huggingface_hub import ModelCard
     from peft import PeftModel
     from release_oracles import card_table, number
@@ -84,16 +107,12 @@ def test_release_on_embedded_default(smollm2, tmp_path):
 
     from repair.io.sources import demo_dir
 
-    out = tmp_path / "release"
-    res = CliRunner().invoke(main, ["release", "smollm2-135m", str(demo_dir()), "--task", "addition",
-                                    "--max-acc-drop", "0.01", "--limit", "100", "--forgetting", "base-samples:16",
-                                    "--scales", "0,1", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out = demo[1]
     report = json.loads((out / "release.json").read_text())
     rows = {r["label"]: r for r in report["rows"]}
     assert rows["tuned"]["scores"]["addition"]["value"] > rows["base"]["scores"]["addition"]["value"] + 0.3
     assert rows["tuned"]["forgetting_nll"] > rows["base"]["forgetting_nll"]  # it learned the task, and forgot
-    assert report["found"]["intruders"] == 47 and report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert report["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and report["scale"] < 1
     got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(smollm2), dtype=torch.float32),
                                     str(out)).merge_and_unload().state_dict()
     ref = tmp_path / "patched"
@@ -112,37 +131,32 @@ def test_release_on_embedded_default(smollm2, tmp_path):
     assert number(released[2])[0] == pytest.approx(rows["released"]["forgetting_nll"], abs=5e-5)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    res = CliRunner().invoke(main, ["demo", "--out", str(out), "--limit", "20"])
-    assert res.exit_code == 0, res.output
-    lines = res.output.splitlines()
-    assert len(lines) <= 60 and not any("lm_eval" in x or "WARNING" in x for x in lines), res.output
-    assert lines[-1].startswith(f"Wrote {out}/") and any(x.startswith("Release ") for x in lines)
-    report = json.loads((out / "release.json").read_text())
-    assert report["command"] == "repair demo" and report["found"]["intruders"] == 47
-    for f in ["README.md", "report.html", "adapter_config.json", "adapter_model.safetensors", "logs/sweep.json",
-              "logs/tradeoff.png", "logs/similarity.png", "logs/detect.json", "logs/run.log"]:
-        assert (out / f).is_file(), f
-    assert "lm_eval" in (out / "logs" / "run.log").read_text()  # lm-eval's own log went to the file
+@pytest.fixture(scope="module")
+def exact_max_cos():
+    """The exact path's max|cos| of the top 50 tuned vectors of every matrix (a tuned vector's max|cos| does not
+    depend on k, so the top 10's are the first 10)."""
+    from repair.detection.detector import DetectOptions, analyse
+    from repair.io.sources import demo_dir
+
+    opts = DetectOptions(top_k=50, method="exact", cache=False)
+    return {p.name: f.max_cos for p, _, f in analyse(opts.pairs("smollm2-135m", str(demo_dir())), opts)}
 
 
 @pytest.mark.parametrize("k", [10, 50])
-def test_certified_equals_exact_on_embedded_default(k):
+def test_certified_equals_exact_on_embedded_default(k, exact_max_cos):
     """The demo adapter on SmolLM2 (all 210 matrices): the certified path decides every ε in one run, with
     the same intruders as the exact path and every exact max|cos| inside its bounds."""
     from repair.detection.detector import DetectOptions, analyse
     from repair.io.sources import demo_dir
 
     eps = (0.3, 0.5, 0.7, 0.9)
-    exact_opts = DetectOptions(top_k=k, method="exact", cache=False)
     cert_opts = DetectOptions(top_k=k, method="certified", cache=False)
-    exact = {p.name: f.max_cos for p, _, f in analyse(exact_opts.pairs("smollm2-135m", str(demo_dir())), exact_opts)}
     certified = list(analyse(cert_opts.pairs("smollm2-135m", str(demo_dir())), cert_opts,
                              decisions=tuple((e, k) for e in eps)))
-    assert len(certified) == len(exact) == 210
+    assert len(certified) == len(exact_max_cos) == 210
     for pair, _, found in certified:
-        want = exact[pair.name]
+        want = exact_max_cos[pair.name][:k]
+        assert want.shape == found.max_cos.shape, pair.name
         assert ((want >= found.max_cos - 1e-5) & (want <= found.max_cos_upper + 1e-5)).all(), pair.name
         for e in eps:
             assert torch.equal(found.max_cos_upper < e, want < e), (pair.name, e)
@@ -157,8 +171,8 @@ def test_sweep_with_device_map_auto_equals_single_device(tmp_path):
     points = {}
     for label, extra in (("single", []), ("mapped", ["--device-map", "auto"])):
         out = tmp_path / label
-        res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0,1", "--task",
-                                        "addition", "--forgetting", "base-samples:8", "--limit", "40",
+        res = CliRunner().invoke(main, ["sweep", "smollm2-135m", str(demo_dir()), "--scales", "0", "--task",
+                                        "addition", "--forgetting", "base-samples:4", "--limit", "20",
                                         "--out", str(out), "--device", "cpu", *extra])
         assert res.exit_code == 0, res.output
         report = json.loads((out / "sweep.json").read_text())

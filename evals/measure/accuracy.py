@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -131,21 +130,28 @@ def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
 
 def task_manager_for(spec: str, what: str = "--task"):
     """``(TaskManager, task name)`` for one task spec."""
+    from repair.train.taskgen import shipped_task_names
+
     folder, name = task_location(spec, what)
-    tm = task_manager((folder,) if folder else ())
+    defaults = spec not in shipped_task_names()  # the project's own YAMLs stand alone: no need of lm-eval's index
+    tm = task_manager((folder,) if folder else (), defaults)
     if folder and name not in tm.all_tasks:  # a YAML written after its folder was indexed in this process
-        task_manager.cache_clear()
-        tm = task_manager((folder,))
+        tm = task_manager((folder,), defaults, fresh=True)
     return tm, name
 
 
-@functools.lru_cache(maxsize=16)
-def task_manager(include_paths: tuple[str, ...]):
-    """One lm-eval ``TaskManager`` per set of task folders and process: building one indexes every lm-eval
-    task (seconds)."""
+_MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}
+
+
+def task_manager(include_paths: tuple[str, ...], defaults: bool = True, fresh: bool = False):
+    """One lm-eval ``TaskManager`` per set of task folders and process (with ``fresh``, built again): with
+    ``defaults`` it indexes every task lm-eval ships (seconds), without it only the folders'."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include_paths)) if include_paths else TaskManager()
+    key = (include_paths, defaults)
+    if fresh or key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=list(include_paths) or None, include_defaults=defaults)
+    return _MANAGERS[key]
 
 
 def _pick_metric(task: str, results: dict) -> TaskScore:
@@ -270,6 +276,8 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
     tracker writes each call's result files."""
     from lm_eval import simple_evaluate
 
+    from repair.train.taskgen import shipped_task_names
+
     groups: dict[EvalSettings, list[TaskColumn]] = {}
     for c in columns:
         groups.setdefault(c.settings, []).append(c)
@@ -278,9 +286,10 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
         resolved = [c.resolve() for c in cols]
         folders = tuple(sorted({f for _, f, _ in resolved if f}))
         names = list(dict.fromkeys(n for _, _, n in resolved))
+        defaults = any(c.spec not in shipped_task_names() for c in cols)  # lm-eval's index only where needed
         tracker = record.tracker() if record is not None else None
         with environment_collected_once():
-            out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders), limit=limit,
+            out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders, defaults), limit=limit,
                                   evaluation_tracker=tracker, model_args=model_args, **settings.kwargs())
         for label, _, name in resolved:
             if out is None or name not in out["results"]:

@@ -223,23 +223,23 @@ def _panel(ax, report: SweepReport, task: str | None) -> None:
     ax.legend(fontsize=8)
 
 
-def plot_tradeoff(report: SweepReport, path: Path) -> None:
+def plot_tradeoff(report: SweepReport, path: Path) -> Path:
     """Accuracy against forgetting: one panel per task, and one for the mean when there are several tasks
-    (forgetting against λ without a task)."""
-    import matplotlib
+    (forgetting against λ without a task). A resumed sweep whose points are unchanged keeps the figure it drew."""
+    from repair.figures.render import data_digest, draw_once
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    shown = report.model_dump_json(include={"base", "tuned", "points", "control", "forgetting_kind"})
+    return draw_once(path, data_digest("tradeoff", shown), lambda: _tradeoff(report))
+
+
+def _tradeoff(report: SweepReport):
+    from repair.figures.render import pyplot
 
     tasks = _tasks(report)
     panels: list[str | None] = [*tasks, None] if len(tasks) > 1 else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=120, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(6 * len(panels), 4.5), dpi=120, squeeze=False)
     for ax, task in zip(axes[0], panels, strict=True):
         _panel(ax, report, task)
         ax.set_title(task or ("mean over the tasks" if len(panels) > 1 else "task accuracy vs forgetting"))
     fig.suptitle("Intruder scaling: task accuracy vs forgetting")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig

@@ -61,7 +61,7 @@ def spearman(report: FiguresReport) -> Spearman | None:
 
 
 def plot_intruders_vs_forgetting(report: FiguresReport, path: Path) -> Path:
-    from repair.figures.curves import pyplot, save_figure
+    from repair.figures.render import pyplot, save_figure
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)

@@ -27,6 +27,7 @@ from repair.adapters.pairs import PairSource
 from repair.detection.detector import DetectOptions, analyse, analyse_pairs
 from repair.detection.report import SCHEMA_VERSION
 from repair.errors import RepairError
+from repair.figures.render import data_digest, draw_once, pyplot, save_figure
 from repair.io.archs import module_type
 from repair.io.sources import resolve
 from repair.runtime.durable import write_text_atomic
@@ -96,23 +97,13 @@ def collect(base: str, tuned: str, k: int, k_max: int, opts: DetectOptions) -> l
     return stats
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path)
-    pyplot().close(fig)
-    return path
-
-
 def plot_similarity(m: MatrixStats, epsilon: float, path: Path) -> Path:
+    """The |cos| of the top-k singular vectors of one matrix, intruders marked (not redrawn from the same data)."""
+    digest = data_digest("similarity", m.name, epsilon, m.similarity.numpy().tobytes(), m.max_cos.numpy().tobytes())
+    return draw_once(path, digest, lambda: _similarity(m, epsilon))
+
+
+def _similarity(m: MatrixStats, epsilon: float):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.5), dpi=120)
     im = ax.imshow(m.similarity.numpy(), cmap="viridis", vmin=0, vmax=1, origin="lower")
@@ -124,7 +115,7 @@ def plot_similarity(m: MatrixStats, epsilon: float, path: Path) -> Path:
     ax.set_ylabel("pre-trained singular vector (rank)")
     ax.set_title(f"{m.name}\n|cos| of top-{k} singular vectors (red: intruders)", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return save_figure(fig, path)
+    return fig
 
 
 def curves(stats: list[MatrixStats], label: str, tuned: str, k: int, epsilon: float) -> AdapterCurves:

@@ -135,20 +135,25 @@ def _kernel_lower_bound(q: Quadrature, lo: torch.Tensor, hi: torch.Tensor) -> to
 
 
 def _kernel(q: Quadrature, t: torch.Tensor) -> torch.Tensor:
-    """K(t) = Σ_(k<=s) p_k(t)² at points t (b, c, ...), from the three-term recurrence of each column."""
+    """K(t) = Σ_(k<=s) p_k(t)² at points t (b, c, ...), from the three-term recurrence of each column.
+
+    The largest tensors of the certificate (points × steps): the recurrence runs in three buffers, in place. A
+    column whose run broke down (β_k = 0) has p_j = 0 from there on (multiplied by 0 instead of 1/β_k)."""
     alpha, beta = q.alpha, torch.cat([q.beta, q.beta_last[..., None]], -1)  # (b, c, s) each
-    extra = t.ndim - alpha.ndim + 1
+    inv_beta = torch.where(beta > 0, 1 / beta.clamp_min(1e-300), torch.zeros_like(beta))
+    shape = (*alpha.shape[:-1], *([1] * (t.ndim - alpha.ndim + 1)))  # a coefficient against t's points
 
     def coeff(v: torch.Tensor, k: int) -> torch.Tensor:
-        return v[..., k].reshape(*v.shape[:-1], *([1] * extra))
+        return v[..., k].reshape(shape)
 
-    p_prev = torch.zeros_like(t)
-    p = torch.ones_like(t) / q.mass.sqrt().clamp_min(1e-300).reshape(*q.mass.shape, *([1] * extra))
+    p = torch.ones_like(t).div_(q.mass.sqrt().clamp_min(1e-300).reshape(shape))
+    p_prev, nxt = torch.zeros_like(t), torch.empty_like(t)
     K = p * p
     for k in range(alpha.shape[-1]):
-        b_k = coeff(beta, k)
-        nxt = ((t - coeff(alpha, k)) * p - (coeff(beta, k - 1) * p_prev if k else 0)) / b_k.clamp_min(1e-300)
-        nxt = torch.where(b_k > 0, nxt, torch.zeros_like(nxt))
-        p_prev, p = p, nxt
-        K = K + p * p
+        torch.sub(t, coeff(alpha, k), out=nxt).mul_(p)  # (t - α_k) p_k
+        if k:
+            nxt.addcmul_(coeff(beta, k - 1), p_prev, value=-1)  # - β_(k-1) p_(k-1)
+        nxt.mul_(coeff(inv_beta, k))
+        K.addcmul_(nxt, nxt)
+        p_prev, p, nxt = p, nxt, p_prev
     return K
