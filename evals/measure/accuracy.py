@@ -136,20 +136,22 @@ def task_manager_for(spec: str, what: str = "--task"):
     defaults = spec not in shipped_task_names()  # the project's own YAMLs stand alone: no need of lm-eval's index
     tm = task_manager((folder,) if folder else (), defaults)
     if folder and name not in tm.all_tasks:  # a YAML written after its folder was indexed in this process
-        tm = task_manager((folder,), defaults, fresh=True)
+        for stale in [key for key in _MANAGERS if folder in key[0]]:  # every index of that folder
+            del _MANAGERS[stale]
+        tm = task_manager((folder,), defaults)
     return tm, name
 
 
 _MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}
 
 
-def task_manager(include_paths: tuple[str, ...], defaults: bool = True, fresh: bool = False):
-    """One lm-eval ``TaskManager`` per set of task folders and process (with ``fresh``, built again): with
-    ``defaults`` it indexes every task lm-eval ships (seconds), without it only the folders'."""
+def task_manager(include_paths: tuple[str, ...], defaults: bool = True):
+    """One lm-eval ``TaskManager`` per set of task folders and process: with ``defaults`` it indexes every task
+    lm-eval ships (seconds), without it only the folders'."""
     from lm_eval.tasks import TaskManager
 
     key = (include_paths, defaults)
-    if fresh or key not in _MANAGERS:
+    if key not in _MANAGERS:
         _MANAGERS[key] = TaskManager(include_path=list(include_paths) or None, include_defaults=defaults)
     return _MANAGERS[key]
 
