@@ -130,10 +130,8 @@ def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
 
 def task_manager_for(spec: str, what: str = "--task"):
     """``(TaskManager, task name)`` for one task spec."""
-    from repair.train.taskgen import shipped_task_names
-
     folder, name = task_location(spec, what)
-    defaults = spec not in shipped_task_names()  # the project's own YAMLs stand alone: no need of lm-eval's index
+    defaults = needs_lm_eval_index(spec)
     tm = task_manager((folder,) if folder else (), defaults)
     if folder and name not in tm.all_tasks:  # a YAML written after its folder was indexed in this process
         for stale in [key for key in _MANAGERS if folder in key[0]]:  # every index of that folder
@@ -143,6 +141,13 @@ def task_manager_for(spec: str, what: str = "--task"):
 
 
 _MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}
+
+
+def needs_lm_eval_index(spec: str) -> bool:
+    """Whether a task needs lm-eval's index of its own tasks: the project's shipped YAMLs stand alone."""
+    from repair.train.taskgen import shipped_task_names
+
+    return spec not in shipped_task_names()
 
 
 def task_manager(include_paths: tuple[str, ...], defaults: bool = True):
@@ -278,8 +283,6 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
     tracker writes each call's result files."""
     from lm_eval import simple_evaluate
 
-    from repair.train.taskgen import shipped_task_names
-
     groups: dict[EvalSettings, list[TaskColumn]] = {}
     for c in columns:
         groups.setdefault(c.settings, []).append(c)
@@ -288,7 +291,7 @@ def evaluate_columns(lm, columns: list[TaskColumn], limit: int | None = None, re
         resolved = [c.resolve() for c in cols]
         folders = tuple(sorted({f for _, f, _ in resolved if f}))
         names = list(dict.fromkeys(n for _, _, n in resolved))
-        defaults = any(c.spec not in shipped_task_names() for c in cols)  # lm-eval's index only where needed
+        defaults = any(needs_lm_eval_index(c.spec) for c in cols)
         tracker = record.tracker() if record is not None else None
         with environment_collected_once():
             out = simple_evaluate(model=lm, tasks=names, task_manager=task_manager(folders, defaults), limit=limit,
