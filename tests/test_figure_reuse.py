@@ -3,8 +3,6 @@ and draws again when the data differ or the file is torn. PIL reads the PNGs bac
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -20,12 +18,12 @@ def stats(seed: int) -> MatrixStats:
 
 
 @pytest.fixture
-def draws(monkeypatch) -> list[Path]:
-    """Every PNG matplotlib writes."""
+def draws(monkeypatch) -> list[object]:
+    """Where matplotlib drew each PNG (a file, or a buffer written afterwards)."""
     from matplotlib.figure import Figure
 
     seen, real = [], Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: (seen.append(Path(fname)),
+    monkeypatch.setattr(Figure, "savefig", lambda self, fname, **kw: (seen.append(fname),
                                                                       real(self, fname, **kw))[1])
     return seen
 

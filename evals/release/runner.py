@@ -191,7 +191,8 @@ def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection:
         with atomic_output_dir(opts.out, opts.overwrite) as tmp:
             for f in sorted((logs / PICKED_DIR).iterdir()):
                 shutil.copyfile(f, tmp / f.name)
-            shutil.copytree(logs, tmp / "logs", ignore=shutil.ignore_patterns(PICKED_DIR))
+            shutil.copytree(logs, tmp / "logs", ignore=shutil.ignore_patterns(PICKED_DIR),
+                            copy_function=shutil.copyfile)  # modes: sync_tree
             report.files = sorted([*(p.name for p in tmp.iterdir()), "README.md", "report.html", "release.json"])
             card = release_card(report, source_card(tuned_folder), opts.out.resolve().name)
             write_text_atomic(tmp / "README.md", str(card))

@@ -8,6 +8,7 @@ them instead of spending matplotlib's second or so on each again.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -55,7 +56,10 @@ def save_figure(fig, path: Path, digest: str | None = None) -> Path:
     tmp = path.with_name(f".{path.name}{TMP_MARKER}.png")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, format="png", metadata={DATA_KEY: digest} if digest else None)
+        png = io.BytesIO()  # drawn in memory and written in one call, not as PIL's chunk-by-chunk writes
+        fig.savefig(png, format="png", metadata={DATA_KEY: digest} if digest else None)
+        with open(tmp, "wb") as f:
+            f.write(png.getbuffer())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

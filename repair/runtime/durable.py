@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,10 +99,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 def sync_tree(folder: Path) -> None:
     """Set the umask's modes on a folder made with mkdtemp, and fsync every file and folder in it."""
     for p in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
-        p.chmod(umask_mode(p.is_dir()))
+        _set_mode(p, umask_mode(p.is_dir()))
         (fsync_dir if p.is_dir() else fsync_file)(p)
-    folder.chmod(umask_mode(True))
+    _set_mode(folder, umask_mode(True))
     fsync_dir(folder)
+
+
+def _set_mode(path: Path, mode: int) -> None:
+    """chmod ``path`` to ``mode`` where it has another (most files were created with it already)."""
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
 
 
 def _exchange(a: Path, b: Path) -> bool:

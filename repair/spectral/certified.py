@@ -28,6 +28,7 @@ The tuned top-k come from a block Krylov solver on W Wᵀ whose only products ar
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,13 +42,14 @@ from repair.spectral.topk import degenerate_flags
 from repair.spectral.truncated import SEED, TruncatedSpectrum, base_tol, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
-STEPS = tuple(range(16, 129, 4))  # Lanczos steps per certificate, raised (continuing the run) while undecided
+STEPS = (16, 20, 24, 32, 40, 48, 64, 80, 96, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
 TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float32 reaches about 3e-7), aimed for;
 # a solver that stalls above it is accepted down to the rounding of an n-term float32 product (``base_tol``):
 # the residuals widen every bound (Davis-Kahan), so a looser residual costs sharpness, never correctness
 PRECISE_TOL = 1e-11  # the same after the float64 polish the editor asks for
 FLOOR_FACTOR = 0.5  # the estimate of M's smallest eigenvalue is this share of the smallest Ritz value
 PRODUCTS_PER_PAIR = 40  # operator columns allowed per wanted Ritz pair before giving up
+SLACK = 2.0  # a bound is expected to fall at most this many times as fast per step as over the last two raises
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class _Certificate:
     bounds how much of any other singular vector lies in span(Q). The tuned vector's own error
     (Davis-Kahan) widens every bound. Cheap bound first: the kept directions take at least
     Σ (|a_i| - δ_i)² of a unit vector's squared cosines, so no other exceeds the rest. Vectors it
-    leaves undecided get Lanczos bounds on y - Q a with 16, 32, 64, then 128 steps of W0's own Gram
+    leaves undecided get Lanczos bounds on y - Q a with 16 to 128 steps (``STEPS``) of W0's own Gram
     matrix (not deflated, so the measure is the true one), continuing the same run each time.
     """
 
@@ -320,12 +322,38 @@ class _Certificate:
             self.hi[s][rows, cols] = torch.minimum(self.hi[s][rows, cols], hi)
 
     def run(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
-        """Refine the undecided vectors; returns (b,) whether every decision is made."""
-        for steps in STEPS:
-            undecided = self._undecided(sides, decisions)  # (b, k)
+        """Refine the undecided vectors; returns (b,) whether every decision is made.
+
+        A problem is given up (the exact path answers it) as soon as one of its vectors cannot be decided
+        within the steps left at the rate its upper bound fell over the last raise (``_hopeless``): a vector
+        whose largest |cos| lies above τ, with a base vector outside the kept ones, is never decided, and
+        every further step on it would be spent for nothing.
+        """
+        given_up = torch.zeros(self.batch.W0.shape[0], dtype=torch.bool, device=self.batch.W0.device)  # (b,)
+        history: list[torch.Tensor] = []  # (b, k) the decisive upper bounds after each raise
+        for level, steps in enumerate(STEPS):
+            undecided = self._undecided(sides, decisions) & ~given_up[:, None]  # (b, k)
+            if not undecided.any():
+                break
             for i in torch.nonzero(undecided.any(1)).flatten().tolist():
                 self._refine(sides, i, torch.nonzero(undecided[i]).flatten(), steps)
-        return ~self._undecided(sides, decisions).any(1)
+            history.append(torch.stack([self.hi[s] for s in sides]).amax(0))
+            if level >= 2:  # the rate over the last two raises (one raise may find nothing and the next a lot)
+                rate = (history[-3] - history[-1]).clamp_min(0) / (steps - STEPS[level - 2])  # (b, k) per step
+                reach = torch.where(history[-3] < 1, rate * (STEPS[-1] - steps), math.inf)  # a bound at 1 says nothing
+                given_up |= self._hopeless(sides, decisions, reach)
+        return ~self._undecided(sides, decisions).any(1) & ~given_up
+
+    def _hopeless(self, sides: tuple[SideName, ...], decisions: Decisions, reach: torch.Tensor) -> torch.Tensor:
+        """(b,) problems with an undecided vector whose upper bound stays above the lowest threshold it straddles
+        even if it fell SLACK times ``reach`` (b, k) more (the fall at the recent rate in the steps left)."""
+        lo = torch.stack([self.lo[s] for s in sides]).amax(0)  # (b, k)
+        hi = torch.stack([self.hi[s] for s in sides]).amax(0)
+        target = torch.full_like(hi, math.inf)  # (b, k) the bound must fall below this
+        for t, n in decisions:
+            straddles = ((hi + MARGIN >= t) & (lo - MARGIN < t))[:, :n]
+            target[:, :n] = torch.where(straddles, target[:, :n].clamp(max=t - MARGIN), target[:, :n])
+        return (hi - target > SLACK * reach).any(1)  # inf - inf never: target is finite where hi straddles
 
     def _undecided(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
         """(b, k) vectors whose decisive bounds straddle a threshold they must be decided at."""
