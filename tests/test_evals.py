@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import CORPUS, char_tokenizer, tiny_llama
+from conftest import CORPUS, char_tokenizer, tiny_llama, write_mc_task
 
 from evals.measure.corpus import load_corpus, read_documents
 from evals.measure.forgetting import causal_nll, pseudo_nll
@@ -123,7 +123,8 @@ def test_sweep_matches_patch_and_lm_eval_and_resumes(llama_base, llama_adapter, 
     assert CliRunner().invoke(main, ["patch", str(llama_base), str(llama_adapter), "--scale", "1",
                                      "--out", str(merged)]).exit_code == 0
     lm = HFLM(pretrained=str(merged), tokenizer=AutoTokenizer.from_pretrained(str(merged)), device="cpu", batch_size=8)
-    ref = simple_evaluate(model=lm, tasks=["tiny_add"], task_manager=TaskManager(include_path=str(mc_task.parent)))
+    tm = TaskManager(include_path=str(mc_task.parent), include_defaults=False)  # the YAML stands alone
+    ref = simple_evaluate(model=lm, tasks=["tiny_add"], task_manager=tm)
     assert one["accuracy"] == ref["results"]["tiny_add"]["acc,none"]
     assert one["accuracy_stderr"] == pytest.approx(ref["results"]["tiny_add"]["acc_stderr,none"])
     model = AutoModelForCausalLM.from_pretrained(str(merged))
@@ -306,3 +307,22 @@ def test_shipped_tasks_load_without_indexing_every_lm_eval_task(tmp_path, monkey
     data = task_yaml("addition").read_text().split("test: ")[1].split("\n")[0]
     first = json.loads(Path(data).read_text().splitlines()[0])
     assert task.doc_to_text(next(iter(task.test_docs()))) == first["prompt"]
+
+
+def test_a_standalone_task_yaml_needs_no_lm_eval_index(tmp_path, monkeypatch):
+    """A user's YAML that loads from its own folder is evaluated without lm-eval's index of every task; one that
+    groups a task lm-eval ships (found only through that index) still gets it."""
+    from lm_eval.tasks import TaskManager
+
+    from evals.measure.accuracy import needs_lm_eval_index, task_manager_for
+
+    alone = write_mc_task(tmp_path / "alone", name="tiny_alone")
+    tm, name = task_manager_for(str(alone))
+    assert not needs_lm_eval_index(str(alone)) and tm.all_tasks == ["tiny_alone"]
+    assert TaskManager(include_path=str(alone.parent), include_defaults=False).all_tasks == tm.all_tasks  # oracle
+    group = tmp_path / "group" / "my_group.yaml"
+    group.parent.mkdir()
+    group.write_text("group: my_group\ntask:\n  - arc_easy\n")
+    assert needs_lm_eval_index(str(group))
+    alone.write_text(alone.read_text().replace("test_split: test", "test_split: no_such_split"))
+    assert needs_lm_eval_index(str(alone))  # the edited YAML is judged again, and no longer loads alone

@@ -52,7 +52,7 @@ def direct(checkpoint: Path, tasks: tuple[Path, Path], **flags) -> dict[str, flo
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=str(checkpoint), device="cpu", batch_size=8)
-    tm = TaskManager(include_path=[str(t.parent) for t in tasks])
+    tm = TaskManager(include_path=[str(t.parent) for t in tasks], include_defaults=False)
     out = simple_evaluate(model=lm, tasks=["tiny_add", "tiny_mul"], task_manager=tm, **flags)
     return {t: out["results"][t]["acc,none"] for t in ("tiny_add", "tiny_mul")}
 
@@ -115,8 +115,9 @@ def test_fewshot_as_multiturn_off_is_passed_through(chat_base, llama_adapter, tw
     got = json.loads((tmp_path / "off" / "sweep.json").read_text())["base"]["scores"]
     lm = HFLM(pretrained=str(chat_base), device="cpu", batch_size=8)
     ref = simple_evaluate(model=lm, tasks=["tiny_add", "tiny_mul"], limit=8, num_fewshot=2, apply_chat_template=True,
-                          fewshot_as_multiturn=False,
-                          task_manager=TaskManager(include_path=[str(t.parent) for t in two_tasks]), **SEED_KWARGS)
+                          fewshot_as_multiturn=False, **SEED_KWARGS,
+                          task_manager=TaskManager(include_path=[str(t.parent) for t in two_tasks],
+                                                   include_defaults=False))  # standalone YAMLs: no index needed
     assert {t: s["value"] for t, s in got.items()} == {t: ref["results"][t]["acc,none"] for t in got}
 
 
@@ -292,7 +293,7 @@ def test_gen_kwargs_are_parsed_as_lm_eval_parses_them(llama_base, llama_adapter,
     lm = HFLM(pretrained=str(llama_base), device="cpu", batch_size=8)
     ref = simple_evaluate(model=lm, tasks=["tiny_gen"], limit=3, log_samples=True,
                           gen_kwargs={"until": ["=", "\n"], "max_gen_toks": 4},
-                          task_manager=TaskManager(include_path=str(yaml.parent)))
+                          task_manager=TaskManager(include_path=str(yaml.parent), include_defaults=False))
     assert ours == [s["arguments"][0][1] for s in ref["samples"]["tiny_gen"]]
     assert ours[0]["until"] == ["=", "\n"] and ours[0]["max_gen_toks"] == 4
     bad = sweep(llama_base, llama_adapter, corpus_file, tmp_path / "bad", "--task", str(yaml), "--gen-kwargs", "x")

@@ -131,23 +131,56 @@ def task_location(spec: str, what: str = "--task") -> tuple[str | None, str]:
 def task_manager_for(spec: str, what: str = "--task"):
     """``(TaskManager, task name)`` for one task spec."""
     folder, name = task_location(spec, what)
-    defaults = needs_lm_eval_index(spec)
+    return _fresh_manager(folder, name, needs_lm_eval_index(spec)), name
+
+
+def _fresh_manager(folder: str | None, name: str, defaults: bool):
+    """``task_manager`` of one folder, indexed again when ``name`` was written there after it was indexed."""
     tm = task_manager((folder,) if folder else (), defaults)
     if folder and name not in tm.all_tasks:  # a YAML written after its folder was indexed in this process
         for stale in [key for key in _MANAGERS if folder in key[0]]:  # every index of that folder
             del _MANAGERS[stale]
         tm = task_manager((folder,), defaults)
-    return tm, name
+    return tm
 
 
 _MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}
 
 
 def needs_lm_eval_index(spec: str) -> bool:
-    """Whether a task needs lm-eval's index of its own tasks: the project's shipped YAMLs stand alone."""
+    """Whether a task needs lm-eval's index of every task it ships (seconds to build, once per set of folders):
+    a registered name does, and so does a YAML that includes or groups lm-eval's own tasks. The project's shipped
+    YAMLs, and a user's YAML that loads from its own folder alone, do not."""
     from repair.train.taskgen import shipped_task_names
 
-    return spec not in shipped_task_names()
+    if spec in shipped_task_names():
+        return False
+    path = task_yaml(spec)
+    return path is None or not _stands_alone(spec, path)
+
+
+_ALONE: dict[tuple[str, str], bool] = {}  # (YAML path, digest of its text) -> whether it loads from its folder alone
+
+
+def _stands_alone(spec: str, path: Path) -> bool:
+    """Whether lm-eval loads the task of the YAML at ``path`` from its own folder, without its index."""
+    import hashlib
+
+    import yaml
+
+    if not path.is_file():
+        return False  # task_location names the missing file
+    key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest())
+    if key not in _ALONE:
+        folder, name = task_location(spec)
+        tm = _fresh_manager(folder, name, False)
+        try:
+            _ALONE[key] = name in tm.all_tasks and bool(tm.load_task_or_group([name]))
+        except (KeyError, ValueError, TypeError, OSError, ImportError, yaml.YAMLError):
+            _ALONE[key] = False  # what it needs is elsewhere: with lm-eval's index it loads, or fails in words
+        if _ALONE[key]:
+            _LOADABLE.add((spec, name))
+    return _ALONE[key]
 
 
 def task_manager(include_paths: tuple[str, ...], defaults: bool = True):
