@@ -311,7 +311,7 @@ def test_shipped_tasks_load_without_indexing_every_lm_eval_task(tmp_path, monkey
 
 def test_a_standalone_task_yaml_needs_no_lm_eval_index(tmp_path, monkeypatch):
     """A user's YAML that loads from its own folder is evaluated without lm-eval's index of every task; one that
-    groups a task lm-eval ships (found only through that index) still gets it."""
+    does not load that way gets the index (and then lm-eval's own error), and an edited YAML is judged again."""
     from lm_eval.tasks import TaskManager
 
     from evals.measure.accuracy import needs_lm_eval_index, task_manager_for
@@ -320,9 +320,5 @@ def test_a_standalone_task_yaml_needs_no_lm_eval_index(tmp_path, monkeypatch):
     tm, name = task_manager_for(str(alone))
     assert not needs_lm_eval_index(str(alone)) and tm.all_tasks == ["tiny_alone"]
     assert TaskManager(include_path=str(alone.parent), include_defaults=False).all_tasks == tm.all_tasks  # oracle
-    group = tmp_path / "group" / "my_group.yaml"
-    group.parent.mkdir()
-    group.write_text("group: my_group\ntask:\n  - arc_easy\n")
-    assert needs_lm_eval_index(str(group))
     alone.write_text(alone.read_text().replace("test_split: test", "test_split: no_such_split"))
     assert needs_lm_eval_index(str(alone))  # the edited YAML is judged again, and no longer loads alone

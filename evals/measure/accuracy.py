@@ -149,8 +149,8 @@ _MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}
 
 def needs_lm_eval_index(spec: str) -> bool:
     """Whether a task needs lm-eval's index of every task it ships (seconds to build, once per set of folders):
-    a registered name does, and so does a YAML that includes or groups lm-eval's own tasks. The project's shipped
-    YAMLs, and a user's YAML that loads from its own folder alone, do not."""
+    a registered name does. The project's shipped YAMLs stand alone; a user's YAML is tried with its own folder
+    alone first, and gets the index only where that fails (lm-eval then loads it, or says why not)."""
     from repair.train.taskgen import shipped_task_names
 
     if spec in shipped_task_names():
@@ -164,13 +164,11 @@ _ALONE: dict[tuple[str, str], bool] = {}  # (YAML path, digest of its text) -> w
 
 def _stands_alone(spec: str, path: Path) -> bool:
     """Whether lm-eval loads the task of the YAML at ``path`` from its own folder, without its index."""
-    import hashlib
-
     import yaml
 
     if not path.is_file():
         return False  # task_location names the missing file
-    key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest())
+    key = (str(path.resolve()), _yaml_digest(spec))
     if key not in _ALONE:
         folder, name = task_location(spec)
         tm = _fresh_manager(folder, name, False)
@@ -179,7 +177,7 @@ def _stands_alone(spec: str, path: Path) -> bool:
         except (KeyError, ValueError, TypeError, OSError, ImportError, yaml.YAMLError):
             _ALONE[key] = False  # what it needs is elsewhere: with lm-eval's index it loads, or fails in words
         if _ALONE[key]:
-            _LOADABLE.add((spec, name))
+            _LOADABLE.add((spec, name, key[1]))
     return _ALONE[key]
 
 
@@ -208,17 +206,25 @@ def _pick_metric(task: str, results: dict) -> TaskScore:
     raise RepairError(f"task {task}: lm-eval reported none of the metrics {', '.join(METRIC_PREFERENCE)}.")
 
 
-_LOADABLE: set[tuple[str, str]] = set()  # tasks lm-eval has loaded once in this process
+_LOADABLE: set[tuple[str, str, str]] = set()  # (spec, name, YAML digest) lm-eval has loaded in this process
 
 
 def check_task(spec: str, what: str = "--task"):
     """``(TaskManager, name)`` of a task lm-eval can load, checked once per process (before anything runs);
     evaluations then run without a catch-all."""
     tm, name = task_manager_for(spec, what)
-    if (spec, name) not in _LOADABLE:
+    if (spec, name, _yaml_digest(spec)) not in _LOADABLE:
         load_tasks(tm, name, f"{what} {spec}")
-        _LOADABLE.add((spec, name))
+        _LOADABLE.add((spec, name, _yaml_digest(spec)))
     return tm, name
+
+
+def _yaml_digest(spec: str) -> str:
+    """The sha256 of the task YAML a spec names ("" for a registered name): an edited YAML is checked again."""
+    import hashlib
+
+    path = task_yaml(spec)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None and path.is_file() else ""
 
 
 def load_tasks(tm, name: str, what: str) -> dict:

@@ -269,6 +269,7 @@ class _Certificate:
         self.lo = {s: (_amax(v.abs() - self.ea[s]) - self.err[s]).clamp(0, 1) for s, v in self.a.items()}
         self.head_hi = {s: _amax(v.abs() + self.ea[s]) for s, v in self.a.items()}
         self.hi = {s: self._cheap(s) for s in self.a}
+        self.tail = {s: torch.ones_like(h) for s, h in self.hi.items()}  # (b, k) the latest Lanczos bounds alone
         self.runs: dict[tuple[str, int], tuple[torch.Tensor, Lanczos]] = {}  # (side, row) -> (columns, run)
 
     def _cheap(self, side: SideName) -> torch.Tensor:
@@ -319,41 +320,45 @@ class _Certificate:
         for s in sides:
             tail = self._tail(s, row, cols, steps)
             hi = (torch.maximum(self.head_hi[s][rows][..., cols], tail) + self.err[s][rows][..., cols]).clamp(0, 1)
+            self.tail[s][rows, cols] = hi
             self.hi[s][rows, cols] = torch.minimum(self.hi[s][rows, cols], hi)
 
     def run(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
         """Refine the undecided vectors; returns (b,) whether every decision is made.
 
         A problem is given up (the exact path answers it) as soon as one of its vectors cannot be decided
-        within the steps left at the rate its upper bound fell over the last raise (``_hopeless``): a vector
-        whose largest |cos| lies above τ, with a base vector outside the kept ones, is never decided, and
+        within the steps left at the rate its Lanczos bound fell over the last two raises (``_hopeless``):
+        a vector whose largest |cos| lies above τ, with a base vector outside the kept ones, is never decided, and
         every further step on it would be spent for nothing.
         """
         given_up = torch.zeros(self.batch.W0.shape[0], dtype=torch.bool, device=self.batch.W0.device)  # (b,)
-        history: list[torch.Tensor] = []  # (b, k) the decisive upper bounds after each raise
+        history: list[torch.Tensor] = []  # (b, k) the decisive Lanczos bounds after each raise
         for level, steps in enumerate(STEPS):
             undecided = self._undecided(sides, decisions) & ~given_up[:, None]  # (b, k)
             if not undecided.any():
                 break
             for i in torch.nonzero(undecided.any(1)).flatten().tolist():
                 self._refine(sides, i, torch.nonzero(undecided[i]).flatten(), steps)
-            history.append(torch.stack([self.hi[s] for s in sides]).amax(0))
+            history.append(torch.stack([self.tail[s] for s in sides]).amax(0))  # (b, k)
             if level >= 2:  # the rate over the last two raises (one raise may find nothing and the next a lot)
                 rate = (history[-3] - history[-1]).clamp_min(0) / (steps - STEPS[level - 2])  # (b, k) per step
                 reach = torch.where(history[-3] < 1, rate * (STEPS[-1] - steps), math.inf)  # a bound at 1 says nothing
-                given_up |= self._hopeless(sides, decisions, reach)
+                given_up |= self._hopeless(sides, decisions, history[-1], reach)
         return ~self._undecided(sides, decisions).any(1) & ~given_up
 
-    def _hopeless(self, sides: tuple[SideName, ...], decisions: Decisions, reach: torch.Tensor) -> torch.Tensor:
-        """(b,) problems with an undecided vector whose upper bound stays above the lowest threshold it straddles
-        even if it fell SLACK times ``reach`` (b, k) more (the fall at the recent rate in the steps left)."""
+    def _hopeless(self, sides: tuple[SideName, ...], decisions: Decisions, tail: torch.Tensor,
+                  reach: torch.Tensor) -> torch.Tensor:
+        """(b,) problems with an undecided vector whose Lanczos bound ``tail`` (b, k) stays above the lowest
+        threshold it straddles even if it fell SLACK times ``reach`` (b, k) more (the fall at the recent rate in
+        the steps left). The decisive bound may be the cheap one for a while, so the Lanczos bound's own fall
+        is the rate: it is the one that moves."""
         lo = torch.stack([self.lo[s] for s in sides]).amax(0)  # (b, k)
-        hi = torch.stack([self.hi[s] for s in sides]).amax(0)
+        hi = torch.stack([self.hi[s] for s in sides]).amax(0)  # (b, k)
         target = torch.full_like(hi, math.inf)  # (b, k) the bound must fall below this
         for t, n in decisions:
             straddles = ((hi + MARGIN >= t) & (lo - MARGIN < t))[:, :n]
             target[:, :n] = torch.where(straddles, target[:, :n].clamp(max=t - MARGIN), target[:, :n])
-        return (hi - target > SLACK * reach).any(1)  # inf - inf never: target is finite where hi straddles
+        return (tail - target > SLACK * reach).any(1)  # target is inf (never hopeless) where nothing straddles
 
     def _undecided(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
         """(b, k) vectors whose decisive bounds straddle a threshold they must be decided at."""
