@@ -49,7 +49,7 @@ TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float3
 PRECISE_TOL = 1e-11  # the same after the float64 polish the editor asks for
 FLOOR_FACTOR = 0.5  # the estimate of M's smallest eigenvalue is this share of the smallest Ritz value
 PRODUCTS_PER_PAIR = 40  # operator columns allowed per wanted Ritz pair before giving up
-SLACK = 2.0  # a bound is expected to fall at most this many times as fast per step as over the last two raises
+SLACK = 4.0  # a bound is expected to fall at most this many times as fast per step as over the last two raises
 
 
 @dataclass(frozen=True)
