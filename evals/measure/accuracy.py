@@ -213,9 +213,10 @@ def check_task(spec: str, what: str = "--task"):
     """``(TaskManager, name)`` of a task lm-eval can load, checked once per process (before anything runs);
     evaluations then run without a catch-all."""
     tm, name = task_manager_for(spec, what)
-    if (spec, name, _yaml_digest(spec)) not in _LOADABLE:
+    key = (spec, name, _yaml_digest(spec))
+    if key not in _LOADABLE:
         load_tasks(tm, name, f"{what} {spec}")
-        _LOADABLE.add((spec, name, _yaml_digest(spec)))
+        _LOADABLE.add(key)
     return tm, name
 
 

@@ -42,7 +42,8 @@ from repair.spectral.topk import degenerate_flags
 from repair.spectral.truncated import SEED, TruncatedSpectrum, base_tol, gram_operator, vector_errors
 
 MARGIN = 1e-4  # a bound this close to a threshold does not decide it
-STEPS = (16, 20, 24, 32, 40, 48, 64, 80, 96, 128)  # Lanczos steps per certificate, raised (continuing the run) while undecided
+STEPS = (16, 20, 24, 32, 40, 48, 64, 80, 96, 128)  # Lanczos steps per certificate, raised (continuing the
+# run) while undecided
 TUNED_TOL = 1e-6  # Ritz residual of the tuned top-k, relative to σ_1² (float32 reaches about 3e-7), aimed for;
 # a solver that stalls above it is accepted down to the rounding of an n-term float32 product (``base_tol``):
 # the residuals widen every bound (Davis-Kahan), so a looser residual costs sharpness, never correctness
@@ -327,7 +328,8 @@ class _Certificate:
         """Refine the undecided vectors; returns (b,) whether every decision is made.
 
         A problem is given up (the exact path answers it) as soon as one of its vectors cannot be decided
-        within the steps left at the rate its Lanczos bound fell over the last two raises (``_hopeless``):
+        within the steps left even at SLACK times the rate its Lanczos bound (``tail``; the decisive bound may be
+        the cheap one for a while, which does not move) fell over the last two raises:
         a vector whose largest |cos| lies above τ, with a base vector outside the kept ones, is never decided, and
         every further step on it would be spent for nothing.
         """
@@ -342,32 +344,24 @@ class _Certificate:
             history.append(torch.stack([self.tail[s] for s in sides]).amax(0))  # (b, k)
             if level >= 2:  # the rate over the last two raises (one raise may find nothing and the next a lot)
                 rate = (history[-3] - history[-1]).clamp_min(0) / (steps - STEPS[level - 2])  # (b, k) per step
-                reach = torch.where(history[-3] < 1, rate * (STEPS[-1] - steps), math.inf)  # a bound at 1 says nothing
-                given_up |= self._hopeless(sides, decisions, history[-1], reach)
+                reach = torch.where(history[-3] < 1, rate * (STEPS[-1] - steps), math.inf)  # at 1: no rate yet
+                given_up |= (history[-1] - self._targets(sides, decisions) > SLACK * reach).any(1)
         return ~self._undecided(sides, decisions).any(1) & ~given_up
 
-    def _hopeless(self, sides: tuple[SideName, ...], decisions: Decisions, tail: torch.Tensor,
-                  reach: torch.Tensor) -> torch.Tensor:
-        """(b,) problems with an undecided vector whose Lanczos bound ``tail`` (b, k) stays above the lowest
-        threshold it straddles even if it fell SLACK times ``reach`` (b, k) more (the fall at the recent rate in
-        the steps left). The decisive bound may be the cheap one for a while, so the Lanczos bound's own fall
-        is the rate: it is the one that moves."""
-        lo = torch.stack([self.lo[s] for s in sides]).amax(0)  # (b, k)
-        hi = torch.stack([self.hi[s] for s in sides]).amax(0)  # (b, k)
-        target = torch.full_like(hi, math.inf)  # (b, k) the bound must fall below this
+    def _targets(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
+        """(b, k) what each vector's upper bound must fall below to be decided: the lowest threshold its decisive
+        bounds straddle, less MARGIN; inf for a decided vector."""
+        lo = torch.stack([self.lo[s] for s in sides]).amax(0)  # (b, k) the decisive value's bounds
+        hi = torch.stack([self.hi[s] for s in sides]).amax(0)
+        target = torch.full_like(hi, math.inf)
         for t, n in decisions:
             straddles = ((hi + MARGIN >= t) & (lo - MARGIN < t))[:, :n]
             target[:, :n] = torch.where(straddles, target[:, :n].clamp(max=t - MARGIN), target[:, :n])
-        return (tail - target > SLACK * reach).any(1)  # target is inf (never hopeless) where nothing straddles
+        return target
 
     def _undecided(self, sides: tuple[SideName, ...], decisions: Decisions) -> torch.Tensor:
         """(b, k) vectors whose decisive bounds straddle a threshold they must be decided at."""
-        lo = torch.stack([self.lo[s] for s in sides]).amax(0)  # (b, k) the decisive value's bounds
-        hi = torch.stack([self.hi[s] for s in sides]).amax(0)
-        out = torch.zeros_like(lo, dtype=torch.bool)
-        for t, n in decisions:
-            out[:, :n] |= ((hi + MARGIN >= t) & (lo - MARGIN < t))[:, :n]
-        return out
+        return self._targets(sides, decisions) < math.inf
 
 
 def _amax(a: torch.Tensor) -> torch.Tensor:
