@@ -21,6 +21,7 @@ OUTPUTS = [  # (file the tool writes, module, model)
     ("patch-report.json (`repair patch`)", "repair.detection.report", "PatchReport"),
     ("plan (`repair detect --plan-out`)", "repair.edit.plan", "Plan"),
     ("sweep.json (`repair sweep`)", "evals.measure.results", "SweepReport"),
+    ("fit.json (`repair fit`)", "evals.measure.fit_report", "FitReport"),
     ("release.json (`repair release`, `repair demo`)", "evals.release.model", "ReleaseReport"),
     ("compare.json (`repair compare --out`)", "evals.runners.comparison", "CompareReport"),
     ("continual.json (`repair continual`)", "evals.runners.continual", "ContinualReport"),

@@ -1,12 +1,13 @@
 """Evaluation harness: downstream accuracy against forgetting, with lm-eval.
 
-``sweep``, ``release``, ``compare`` and ``continual_learning`` are the functions behind ``repair sweep``,
-``repair release``, ``repair compare`` and ``repair continual`` (see ``evals.api``), imported on first use.
+``sweep``, ``fit``, ``release``, ``compare`` and ``continual_learning`` are the functions behind ``repair sweep``,
+``repair fit``, ``repair release``, ``repair compare`` and ``repair continual`` (see ``evals.api``), imported on
+first use.
 """
 
 from importlib import import_module
 
-__all__ = ["sweep", "release", "compare", "continual_learning"]
+__all__ = ["sweep", "fit", "release", "compare", "continual_learning"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
-"""The public Python API of the harness: ``repair sweep``, ``repair release``, ``repair compare`` and
-``repair continual`` as functions, with their defaults."""
+"""The public Python API of the harness: ``repair sweep``, ``repair fit``, ``repair release``, ``repair compare``
+and ``repair continual`` as functions, with their defaults."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from evals.measure.accuracy import EvalSettings
+from evals.measure.fit_report import FitReport
 from evals.measure.results import SweepReport
 from evals.release.model import ReleaseReport
 from evals.runners.comparison import CompareReport
@@ -33,6 +34,30 @@ def sweep(base: str, tuned: str, out: str | Path, *, scales: tuple[float, ...] =
                         allow_amplify=allow_amplify, detect=detect_options(options), dtype=dtype,
                         device_map=device_map, eval=settings, format=format)
     return run_sweep(str(base), str(tuned), opts)
+
+
+def fit(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max_acc_drop: float,
+        directions: str = "delta", format: str = "merged", forgetting: str = "base-samples",
+        limit: int | None = None, calibration: str | Path | None = None, calibration_corpus: str = "base-samples",
+        penalties: tuple[float, ...] = (30.0, 10.0, 3.0, 1.0), steps: int = 4,
+        uniform_scales: tuple[float, ...] = (0.0, 0.5), whole_scales: tuple[float, ...] = (0.25, 0.5, 0.75),
+        seed: int = 0, batch_size: int | str = 8, dtype: str = "auto", overwrite: bool = False,
+        allow_amplify: bool = False, num_fewshot: int | None = None, apply_chat_template: bool = False,
+        fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, eval_seed: int | None = None,
+        log_samples: bool = False, **options) -> FitReport:
+    """Per-direction λ_i fitted on calibration data, measured beside one λ and the whole update, the pick written
+    to ``out/fitted``: ``repair fit`` (options: ``DetectOptions``; ``eval_seed`` is lm-eval's ``--seed``)."""
+    from evals.runners.fitter import FitOptions, run_fit
+
+    settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, eval_seed, log_samples)
+    opts = FitOptions(out=Path(out), tasks=_tasks(tasks), max_acc_drop=max_acc_drop, directions=directions,
+                      format=format, forgetting=forgetting, limit=limit,
+                      calibration=None if calibration is None else Path(calibration),
+                      calibration_corpus=calibration_corpus, penalties=tuple(penalties), steps=steps,
+                      uniform_scales=tuple(uniform_scales), whole_scales=tuple(whole_scales), seed=seed,
+                      detect=detect_options(options), batch_size=batch_size, dtype=dtype, overwrite=overwrite,
+                      allow_amplify=allow_amplify, eval=settings)
+    return run_fit(str(base), str(tuned), opts)
 
 
 def compare(models: list[str], tasks: Sequence[str], *, limit: int | None = None, base: str | None = None,
@@ -78,7 +103,8 @@ def release(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max
             batch_size: int | str = 8, allow_amplify: bool = False, dtype: str = "auto",
             device_map: str | None = None, num_fewshot: int | None = None, apply_chat_template: bool = False,
             fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, seed: int | None = None,
-            log_samples: bool = False, **options) -> ReleaseReport:
+            log_samples: bool = False, method: str = "uniform", directions: str = "delta",
+            **options) -> ReleaseReport:
     """``repair release``: detect, sweep λ, pick the least forgetting within ``max_acc_drop`` and write ``out``
     (adapter or merged checkpoint, model card, report.html, release.json, logs/). ``report.ready`` is False
     when the ``fail_above`` gate failed (options: ``DetectOptions``)."""
@@ -89,5 +115,5 @@ def release(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max
                           forgetting=forgetting, limit=limit, control=control, format=format,
                           fail_above=fail_above, overwrite=overwrite, per_matrix=per_matrix, batch_size=batch_size,
                           allow_amplify=allow_amplify, dtype=dtype, device_map=device_map,
-                          detect=detect_options(options), eval=settings)
+                          detect=detect_options(options), eval=settings, method=method, directions=directions)
     return run_release(str(base), str(tuned), opts)

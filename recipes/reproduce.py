@@ -18,7 +18,8 @@ Training runs (``repair finetune``) write to ``--runs`` (default: the tool's cac
 their ``recipe.json`` equals the recipe asked for, so a target reruns only its measurements. Times on a
 2-core CPU: ``demo`` about 2.5 min, each control sweep about 4, ``b-only`` about 8, ``recipes`` its three
 sweeps (plus the training runs it has not kept), ``rank-sweep`` about 4 per LoRA run plus about 15 to measure
-the 14 fine-tunes, ``continual`` about 30 (8, 9 and 11 on 2026-11-25); ``--check`` takes a second.
+the 14 fine-tunes, ``continual`` about 30 (8, 9 and 11 on 2026-11-25), ``fit`` about 23 (two runs of about
+11); ``--check`` takes a second.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from reproduce_tables import (  # noqa: E402
     RANK_SWEEP,
     RECIPE_RUNS,
     continual_table,
+    fit_table,
     rank_sweep_plots,
     rank_sweep_table,
     recipes_table,
@@ -49,6 +51,7 @@ from reproduce_tables import (  # noqa: E402
 RESULTS = ROOT / "recipes" / "results"
 DOCS = (ROOT / "README.md", ROOT / "recipes" / "README.md")
 SWEEP = ["sweep", "smollm2-135m", "repair/demo", "--task", "addition", "--limit", "200"]
+FIT = ["fit", "smollm2-135m", "repair/demo", "--task", "addition", "--limit", "200", "--max-acc-drop", "0.005"]
 SWEEP_PIECES = {"table": r"(?s)^\| point \|.*?(?=\n(?!\|)|\Z)", "verdict": r"^Against the .*$"}
 
 
@@ -107,6 +110,11 @@ TARGETS: dict[str, Target] = {
             for f in ("intruders_vs_epsilon", "intruders_vs_k", "intruders_vs_forgetting")}},
         render=lambda: {"body": rank_sweep_table(RESULTS / "rank-sweep")},
         after=lambda: rank_sweep_plots(RESULTS / "rank-sweep"), pieces={}),
+    "fit": Target(
+        [[*FIT, "--directions", d, "--out", f"{{out}}/{d}"] for d in ("intruders", "delta")],
+        {**{f"fit-{d}.json": f"{d}/fit.json" for d in ("intruders", "delta")},
+         **{f"fit-{d}-front.png": f"{d}/front.png" for d in ("intruders", "delta")}},
+        render=lambda: {"body": fit_table(RESULTS)}, pieces={}),
     "continual": Target(
         [["continual", f"recipes/{r.recipe}", "--limit", "200", "--out", f"{{out}}/{r.name}"] for r in CONTINUAL_RUNS],
         {f"continual/{r.name}.json": f"{r.name}/continual.json" for r in CONTINUAL_RUNS},

@@ -173,3 +173,29 @@ def continual_table(folder: Path) -> str:
     reports = [(r.label, ContinualReport.model_validate(json.loads((folder / f"{r.name}.json").read_text())))
                for r in CONTINUAL_RUNS]
     return markdown_table(reports)
+
+
+FIT_RUNS = (("intruders", "one λ_i per intruder"), ("delta", "one λ_i per ΔW direction"))
+
+
+def fit_table(results: Path) -> str:
+    """The three fronts of each `repair fit` run on the demo adapter, from results/fit-<directions>.json: each
+    point's accuracy drop and forgetting removed on held-out data (evals.measure.fit_report)."""
+    from evals.measure.fit_report import FitReport, drop
+
+    lines = ["| run | front | setting | accuracy | drop (points) | forgetting removed | removed mass on intruders |",
+             "|---|---|---|---|---|---|---|"]
+    for name, label in FIT_RUNS:
+        report = FitReport.model_validate_json((results / f"fit-{name}.json").read_text())
+        for f in sorted(report.fronts, key=lambda f: ("whole", "uniform", "fitted").index(f.front)):
+            if f.front != "fitted" and name != FIT_RUNS[0][0]:
+                continue  # the baselines are the same measurement in both runs: shown once
+            p = f.point
+            setting = f"w={f.parameter:g}" if f.front == "fitted" else f"λ={f.parameter:g}"
+            mark = "**" if p.label == report.pick.label else ""
+            share = "–" if f.removed_on_intruders is None else f"{100 * f.removed_on_intruders:.0f}%"
+            lines.append(f"| {label if f.front == 'fitted' else 'baseline'} | {f.front} | {mark}{setting}{mark} | "
+                         f"{100 * (p.accuracy or 0):.1f}% | {100 * drop(report, p):+.1f} | "
+                         f"{100 * (p.forgetting_removed or 0):.1f}% ± {100 * (p.forgetting_removed_stderr or 0):.1f} "
+                         f"| {share} |")
+    return "\n".join(lines)

@@ -203,6 +203,8 @@ def test_shipped_zorblax_tasks_are_the_generator_output(task, tmp_path):
     write_jsonl(GENERATORS[task]("test", 500), tmp_path / "regen.jsonl")
     shipped = resources.files("evals.tasks") / f"{task}_test.jsonl"
     assert (tmp_path / "regen.jsonl").read_text() == shipped.read_text()
+    write_jsonl(GENERATORS[task]("train", 500), tmp_path / "train.jsonl")  # repair fit's calibration split
+    assert (tmp_path / "train.jsonl").read_text() == (resources.files("evals.tasks") / f"{task}_train.jsonl").read_text()
     train = {r["prompt"] for r in GENERATORS[task]("train", 7000)}
     assert not train & {r["prompt"] for r in GENERATORS[task]("test", 1000)}  # disjoint splits
     assert str(Path(str(shipped)).resolve()) in materialize_task(task).read_text()

@@ -97,3 +97,25 @@ def test_sweep_on_cuda_and_on_a_split_model_equal_the_cpu(llama_base, llama_adap
             assert got["scale"] == want["scale"] and got["intruders"] == want["intruders"], label
             assert got["accuracy"] == want["accuracy"], label
             assert got["forgetting_nll"] == pytest.approx(want["forgetting_nll"], rel=1e-4), label
+
+
+def test_fit_on_cuda_equals_the_cpu(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
+    """`repair fit --device cuda`: the λ path, the measured points and the written checkpoint are the CPU's, to
+    float32 noise (the hooks, λ and the directions all on the GPU, the checkpoint written from the CPU)."""
+    from test_fit import _calibration_file, _fit_args
+
+    calib = _calibration_file(tmp_path / "calib.jsonl")
+    reports = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        args = _fit_args(llama_base, llama_adapter, mc_task, corpus_file, calib, out, "--device", device)
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 0, res.output
+        reports[device] = (json.loads((out / "fit.json").read_text()), load_file(out / "fitted" / "model.safetensors"))
+    (cpu, w_cpu), (gpu, w_gpu) = reports["cpu"], reports["cuda"]
+    for a, b in zip(cpu["fronts"], gpu["fronts"], strict=True):
+        assert a["point"]["forgetting_nll"] == pytest.approx(b["point"]["forgetting_nll"], rel=1e-4)
+        if a["scales"] is not None:
+            assert max(abs(x - y) for x, y in zip(a["scales"], b["scales"], strict=True)) < 1e-3
+    for name, t in w_cpu.items():
+        assert torch.allclose(t, w_gpu[name], atol=1e-4), name

@@ -188,7 +188,7 @@ def test_a_run_that_fails_after_it_began_exits_1_and_resumes(llama_base, llama_a
         raise AssertionError("a finished point was measured again")
 
     monkeypatch.setattr(evals.release.runner, "_publish", real)
-    monkeypatch.setattr(evals.runners.sweeper._Evaluator, "measure", measured)
+    monkeypatch.setattr(evals.runners.sweeper.Evaluator, "measure", measured)
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert (out / "release.json").is_file() and not (tmp_path / ".out.release").exists()

@@ -19,7 +19,7 @@ def test_no_scale_within_the_budget_is_a_result_not_an_error(llama_base, llama_a
     def scores(self, label, scale):  # accuracy 1 for the tuned model, 0.5 for every edit
         return {"tiny_add": Score(metric="acc", value=1.0 if scale in (None, 1.0) else 0.5, stderr=0.1)}
 
-    monkeypatch.setattr(evals.runners.sweeper._Evaluator, "_scores", scores)
+    monkeypatch.setattr(evals.runners.sweeper.Evaluator, "_scores", scores)
     out = tmp_path / "sw"
     res = CliRunner().invoke(main, ["sweep", str(llama_base), str(llama_adapter), "--task", str(mc_task),
                                     "--limit", "4", "--forgetting", str(corpus_file), "--scales", "0,0.5",

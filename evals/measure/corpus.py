@@ -55,11 +55,12 @@ def task_documents(name: str, limit: int | None = None) -> list[str]:
     return docs[:limit] if limit else docs
 
 
-def _parse_samples(spec: str) -> int:
+def parse_samples(spec: str, default: int = DEFAULT_SAMPLES, what: str = "forgetting") -> int:
+    """N of ``base-samples[:N]`` (``default`` without it); an input error naming ``what`` otherwise."""
     n = spec.partition(":")[2]
     if n and not (n.isdigit() and int(n) > 0):
-        raise RepairError(f"forgetting {spec}: expected {BASE_SAMPLES} or {BASE_SAMPLES}:N with N > 0.")
-    return int(n) if n else DEFAULT_SAMPLES
+        raise RepairError(f"{what} {spec}: expected {BASE_SAMPLES} or {BASE_SAMPLES}:N with N > 0.")
+    return int(n) if n else default
 
 
 def chat_prompt(tok) -> list[int] | None:
@@ -110,7 +111,7 @@ def load_corpus(spec: str, model=None, tok=None, model_key: str = "", limit: int
     """Resolve ``--forgetting``: ``base-samples[:N]`` (drawn through the chat template with ``chat``), a
     .txt/.jsonl file, or an lm-eval rolling task (a registered name or a local task YAML)."""
     if is_base_samples(spec):
-        docs = base_samples(model, tok, model_key, _parse_samples(spec), chat=chat)
+        docs = base_samples(model, tok, model_key, parse_samples(spec), chat=chat)
     elif Path(spec).is_file() and Path(spec).suffix not in (".yaml", ".yml"):
         docs = read_documents(Path(spec))
     else:

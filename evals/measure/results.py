@@ -43,7 +43,9 @@ class SweepPoint(BaseModel):
     scores: dict[str, Score] = Field(default_factory=dict, description="each task's score (lm-eval's metric)")
     forgetting_nll: float
     forgetting_delta: float = Field(description="forgetting_nll minus the base model's")
-    intruders: int = Field(description="intruder dimensions left among the top k of each matrix")
+    intruders: int | None = Field(description="intruder dimensions left among the top k of each matrix; None: not "
+                                              "counted (a fit's ΔW-direction or whole-update point: W' has new "
+                                              "singular vectors; `repair detect` on its checkpoint counts them)")
     seconds: float = 0.0
     forgetting_stderr: float | None = Field(None, description="standard error of forgetting_nll (documents)")
     forgetting_removed: float | None = Field(

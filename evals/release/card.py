@@ -71,6 +71,11 @@ def what_was_done(report: ReleaseReport) -> str:
         return "Nothing: the released weights are TUNED's own, unchanged."
     what = ("a PEFT LoRA adapter whose rank grows by each module's intruders and reproduces the edit exactly"
             if report.format == "adapter" else "a merged checkpoint")
+    if report.method == "fit":
+        return (f"The singular values of {report.edited_directions} directions in {report.edited_matrices} matrices "
+                f"were scaled by λ_i fitted on calibration data (`repair fit`), W' = W + Σ (λ_i−1)·σ_i·u_i·v_iᵀ, the "
+                f"fitted point with the least forgetting whose accuracy drop stays within {report.max_acc_drop:g}; "
+                f"released as {what}. Every λ_i is in logs/fit.json.")
     return (f"The singular values of {report.edited_directions} intruder directions in {report.edited_matrices} "
             f"matrices were scaled by λ={report.scale:g}, W' = W + Σ (λ−1)·σ·u·vᵀ, the λ with the least forgetting "
             f"whose accuracy drop stays within {report.max_acc_drop:g} ({report.rule}); released as {what}.")
@@ -97,7 +102,8 @@ def evidence_table(report: ReleaseReport) -> list[str]:
 
 
 def table_cells(r: EvidenceRow, tasks: list[str]) -> list[str]:
-    return [r.label, "–" if r.scale is None else f"{r.scale:g}",
+    scale = "fitted" if r.scale is None and r.label == "released" else "–" if r.scale is None else f"{r.scale:g}"
+    return [r.label, scale,
             *(_num(r.scores[t].value, r.scores[t].stderr) for t in tasks),
             _num(r.forgetting_nll, r.forgetting_stderr),
             _num(r.forgetting_removed, r.forgetting_removed_stderr, pct=True),

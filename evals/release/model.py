@@ -58,7 +58,9 @@ class ReleaseReport(BaseModel):
     tuned: str
     base_model: str | None = Field(description="the base's hub id, as the model card's metadata names it")
     format: Literal["adapter", "merged"]
-    scale: float = Field(description="the released λ (1: TUNED unchanged)")
+    scale: float | None = Field(description="the released λ (1: TUNED unchanged); None: per-direction λ_i fitted by "
+                                            "--fit (logs/fit.json)")
+    method: Literal["uniform", "fit"] = Field("uniform", description="one λ over the intruders, or fitted λ_i")
     rule: str = Field(description="how λ was picked: the least forgetting within the accuracy budget")
     max_acc_drop: float
     fail_above: int | None

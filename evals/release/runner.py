@@ -16,6 +16,7 @@ from pathlib import Path
 
 from evals.measure.accuracy import EvalSettings
 from evals.measure.results import SweepReport
+from evals.release.fitted import fit_report, run_fitted
 from evals.release.model import Found, ReleaseReport, evidence
 from evals.runners.sweeper import PICKED_DIR, SweepOptions, check_sweep, run_sweep
 from repair import __version__
@@ -52,6 +53,19 @@ class ReleaseOptions:
     detect: DetectOptions = field(default_factory=DetectOptions)
     eval: EvalSettings = field(default_factory=EvalSettings)
     command: str = ""  # recorded in the card and release.json
+    method: str = "uniform"  # uniform: one λ over the intruders (a sweep); fit: per-direction λ_i (repair fit)
+    directions: str = "delta"  # method fit: which directions get a λ_i
+    calibration: Path | None = None  # method fit: task examples (jsonl) where the tasks have no training split
+
+    def fit(self, work: Path, fmt: str):
+        """The fit a ``--fit`` release runs: the same tasks, budget, corpus and evaluation flags."""
+        from evals.runners.fitter import FitOptions
+
+        return FitOptions(out=work / "logs", tasks=self.tasks, max_acc_drop=self.max_acc_drop,
+                          directions=self.directions, format=fmt, forgetting=self.forgetting, limit=self.limit,
+                          calibration=self.calibration,
+                          detect=self.detect, batch_size=self.batch_size, dtype=self.dtype, overwrite=True,
+                          allow_amplify=self.allow_amplify, eval=self.eval)
 
     def sweep(self, work: Path, fmt: str) -> SweepOptions:
         return SweepOptions(
@@ -70,6 +84,11 @@ class ReleaseOptions:
             raise RepairError(f"fail_above: expected a number of intruders >= 0, got {self.fail_above}.")
         if self.format not in (None, "adapter", "merged"):
             raise RepairError(f"format: expected adapter or merged, got {self.format!r}.")
+        if self.method not in ("uniform", "fit"):
+            raise RepairError(f"method: expected uniform or fit, got {self.method!r}.")
+        if self.method == "fit" and (self.control != "none" or self.per_matrix is not None):
+            raise RepairError("method: fit fits every direction's λ itself; --control and --per-matrix belong to "
+                              "the swept release (without --fit).")
 
 
 def work_dir(out: Path) -> Path:
@@ -101,7 +120,12 @@ def check_release(base: str, tuned: str, opts: ReleaseOptions) -> Checked:
     if fmt == "adapter":
         check_adapter_format(src, tuned)
     check_output_dir(opts.out, [src.base_source.path, src.tuned_source.path], opts.overwrite)
-    check_sweep(base, tuned, dataclasses.replace(opts.sweep(work_dir(opts.out), fmt), write_picked=False))
+    if opts.method == "fit":
+        from evals.runners.fitter import check_fit
+
+        check_fit(base, tuned, opts.fit(work_dir(opts.out), fmt))
+    else:
+        check_sweep(base, tuned, dataclasses.replace(opts.sweep(work_dir(opts.out), fmt), write_picked=False))
     return Checked(fmt, src.tuned_source.path)
 
 
@@ -114,10 +138,15 @@ def run_release(base: str, tuned: str, opts: ReleaseOptions) -> ReleaseReport:
           f"{sum(bool(m.intruders) for m in detection.matrices)} of {len(detection.matrices)} matrices")
     work = work_dir(opts.out)
     try:
-        sweep = run_sweep(base, tuned, opts.sweep(work, checked.format))
-        report = _report(base, tuned, opts, checked, detection, sweep)
+        if opts.method == "fit":
+            fitted, folder = run_fitted(base, tuned, opts.fit(work, checked.format))
+            report = fit_report(base, tuned, opts, checked.format, base_model_id(base, checked.tuned_folder),
+                                detection, fitted, folder)
+        else:
+            sweep = run_sweep(base, tuned, opts.sweep(work, checked.format))
+            report, folder = _report(base, tuned, opts, checked, detection, sweep), work / "logs" / PICKED_DIR
         stage(f"Writing the release to {opts.out}")
-        _publish(opts, work, report, detection, checked.tuned_folder)
+        _publish(opts, work, report, detection, checked.tuned_folder, folder)
     except RunFailed:
         raise
     except OutputError as e:
@@ -179,8 +208,9 @@ def _report(base: str, tuned: str, opts: ReleaseOptions, checked: Checked, detec
 
 
 def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection: DetectionReport,
-             tuned_folder: Path) -> None:
-    """The folder to publish, written whole in a temporary sibling and renamed to ``out``."""
+             tuned_folder: Path, weights: Path) -> None:
+    """The folder to publish (the weights from ``weights``), written whole in a temporary sibling and renamed to
+    ``out``."""
     from evals.release.card import release_card, source_card
     from evals.release.page import render
 
@@ -189,14 +219,15 @@ def _publish(opts: ReleaseOptions, work: Path, report: ReleaseReport, detection:
     similarity = _similarity_figure(report.base, report.tuned, opts.detect, detection, logs / "similarity.png")
     try:
         with atomic_output_dir(opts.out, opts.overwrite) as tmp:
-            for f in sorted((logs / PICKED_DIR).iterdir()):
+            for f in sorted(weights.iterdir()):
                 shutil.copyfile(f, tmp / f.name)
-            shutil.copytree(logs, tmp / "logs", ignore=shutil.ignore_patterns(PICKED_DIR),
+            shutil.copytree(logs, tmp / "logs", ignore=shutil.ignore_patterns(weights.name),
                             copy_function=shutil.copyfile)  # modes: sync_tree
             report.files = sorted([*(p.name for p in tmp.iterdir()), "README.md", "report.html", "release.json"])
             card = release_card(report, source_card(tuned_folder), opts.out.resolve().name)
             write_text_atomic(tmp / "README.md", str(card))
-            write_text_atomic(tmp / "report.html", render(report, detection, logs / "tradeoff.png", similarity))
+            figure = logs / ("front.png" if opts.method == "fit" else "tradeoff.png")
+            write_text_atomic(tmp / "report.html", render(report, detection, figure, similarity))
             write_text_atomic(tmp / "release.json", report.model_dump_json(indent=2) + "\n")
     except OSError as e:
         raise OutputError(f"out {opts.out}: writing the release failed ({e.strerror or e}); nothing was "

@@ -114,8 +114,8 @@ def pick_bound(rule: str) -> tuple[float, str | None]:
     return float(m[1]), m[2]
 
 
-class _Evaluator:
-    """Measures one point: lm-eval accuracy on each task and forgetting NLL of the model as it is now; lm-eval's
+class Evaluator:
+    """Measures one point (for sweeps and fits): lm-eval accuracy on each task and forgetting NLL of the model as it is now; lm-eval's
     own result files go to ``DIR/lm-eval/<label>/``."""
 
     def __init__(self, model, tok, docs: list[str], opts: SweepOptions, base: str, tuned: str):
@@ -135,13 +135,14 @@ class _Evaluator:
     def _scores(self, label: str, scale: float | None) -> dict[str, Score]:
         if self.lm is None:
             return {}
-        args = f"pretrained={self.base}" if scale is None else \
-            f"pretrained={self.tuned},base={self.base},intruder_scale={scale:g}"
+        args = f"pretrained={self.base}" if label == "base" else f"pretrained={self.tuned},base={self.base}," + (
+            f"edit={label}" if scale is None else f"intruder_scale={scale:g}")
         with lm_eval_record(self.opts.out / LM_EVAL_DIR / label) as record:
             scores = evaluate_columns(self.lm, self.columns, self.opts.limit, record, model_args=args)
         return {k: Score(metric=v.metric, value=v.value, stderr=v.stderr) for k, v in scores.items()}
 
-    def measure(self, label: str, scale: float | None, intruders: int, frobenius: float | None = None) -> SweepPoint:
+    def measure(self, label: str, scale: float | None, intruders: int | None,
+                frobenius: float | None = None) -> SweepPoint:
         t0 = time.perf_counter()
         f = forgetting(self.model, self.tok, self.docs, forgetting_batch(self.opts.batch_size))
         scores = self._scores(label, scale)
@@ -254,7 +255,7 @@ def run_sweep(base: str, tuned: str, opts: SweepOptions) -> SweepReport:
     key = [__version__, measured, source_fingerprint(base_src), source_fingerprint(src.tuned_source), docs,
            columns_fingerprint(opts.columns)]
     fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache, ev = _PointCache(opts.out, fingerprint), _Evaluator(model, tok, docs, opts, base, tuned)
+    cache, ev = _PointCache(opts.out, fingerprint), Evaluator(model, tok, docs, opts, base, tuned)
     n_points = 1 + len({1.0, *opts.scales}) + (sum(s != 1.0 for s in opts.scales) if opts.control != "none" else 0)
     stage(f"Measuring {n_points} points: {ev.describe()}")
     points = Points(n_points)
@@ -301,7 +302,7 @@ def _point(cache: _PointCache, label: str, points: Points, measure) -> SweepPoin
     return point
 
 
-def _measure_scales(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache,
+def _measure_scales(patcher: InPlacePatcher, ev: Evaluator, cache: _PointCache,
                     opts: SweepOptions, points: Points) -> dict[float, SweepPoint]:
     """λ = 1 (the tuned model), then each λ: edit in place, measure, restore; finished points come from the cache."""
     done: dict[float, SweepPoint] = {}
@@ -311,7 +312,7 @@ def _measure_scales(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache,
     return done
 
 
-def _measure_edit(patcher: InPlacePatcher, ev: _Evaluator, label: str, scale: float, tuned: SweepPoint | None,
+def _measure_edit(patcher: InPlacePatcher, ev: Evaluator, label: str, scale: float, tuned: SweepPoint | None,
                   control: bool) -> SweepPoint:
     if not patcher.entries and tuned is not None:  # nothing to rescale: every λ is λ=1
         return tuned.model_copy(update={"label": label, "scale": scale, "seconds": 0.0})
@@ -323,7 +324,7 @@ def _measure_edit(patcher: InPlacePatcher, ev: _Evaluator, label: str, scale: fl
         patcher.restore()
 
 
-def _measure_controls(patcher: InPlacePatcher, ev: _Evaluator, cache: _PointCache, opts: SweepOptions,
+def _measure_controls(patcher: InPlacePatcher, ev: Evaluator, cache: _PointCache, opts: SweepOptions,
                       done: dict[float, SweepPoint], points: Points) -> list[SweepPoint]:
     """The control edit at each λ ≠ 1 (λ = 1 is the tuned model for both series)."""
     out = []

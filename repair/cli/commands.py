@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from repair import __version__
+from repair.cli.fitting import fit
 from repair.cli.options import (
     batch_size_option,
     detect_options,
@@ -193,6 +194,14 @@ def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked
 @click.option("--control", default="none", show_default=True, type=click.Choice(["none", "matched", "neighbour"]),
               help="Also measure the control edit (see `repair sweep`) as evidence.")
 @click.option("--per-matrix", type=int, default=None, help="Scale only the N top-ranked intruders of each matrix.")
+@click.option("--fit", "fitted", is_flag=True,
+              help="Release the repair of `repair fit` (one λ per direction, fitted on calibration data) instead of "
+                   "one λ over the intruders, swept.")
+@click.option("--directions", default="delta", show_default=True, type=click.Choice(["intruders", "delta"]),
+              help="With --fit: fit every ΔW direction's λ, or only the intruders'.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --fit: task examples to fit on, a jsonl of {prompt, completion} (default: the tasks' "
+                   "training split).")
 @batch_size_option()
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the evaluated model.")
@@ -203,9 +212,9 @@ def sweep(base, tuned, scales, tasks, forgetting, out, limit, pick, write_picked
 @detect_options
 @handle_errors
 def release(base, tuned, tasks, forgetting, limit, max_acc_drop, out, scales, fmt, fail_above, control, per_matrix,
-            batch_size, dtype, device_map, allow_amplify, overwrite, eval_settings, detect_opts):
-    """Make TUNED ready to publish: detect, sweep λ, pick within --max-acc-drop, and write --out (the adapter, its
-    model card README.md, report.html, release.json, logs/).
+            fitted, directions, calibration, batch_size, dtype, device_map, allow_amplify, overwrite, eval_settings, detect_opts):
+    """Make TUNED ready to publish: detect, sweep λ (or fit λ_i, --fit), pick within --max-acc-drop, and
+    write --out (the adapter, its model card README.md, report.html, release.json, logs/).
 
     Exit 0: ready (patched, or unchanged when nothing needed it); 1: --fail-above failed, or the run failed after
     it began (measured points kept; the same command resumes); 2: bad input, before anything is loaded.
@@ -217,7 +226,8 @@ def release(base, tuned, tasks, forgetting, limit, max_acc_drop, out, scales, fm
         out=out, tasks=tasks, max_acc_drop=max_acc_drop, scales=scales, forgetting=forgetting, limit=limit,
         control=control, format=fmt, fail_above=fail_above, overwrite=overwrite, batch_size=batch_size, dtype=dtype,
         device_map=device_map, per_matrix=per_matrix, allow_amplify=allow_amplify, detect=detect_opts,
-        eval=eval_settings, command=command_line())
+        eval=eval_settings, command=command_line(), method="fit" if fitted else "uniform",
+        directions=directions, calibration=calibration)
     sys.exit(release_and_report(base, tuned, opts))
 
 
@@ -264,7 +274,7 @@ def compare(models, tasks, limit, base, forgetting, out, batch_size, device, dty
     click.echo(report.markdown())
 
 
-for _command in RESEARCH_COMMANDS:  # finetune, continual, figures, demo, cache (repair.cli.research)
+for _command in (fit, *RESEARCH_COMMANDS):  # fit; finetune, continual, figures, demo, cache (repair.cli.research)
     main.add_command(_command)
 
 

@@ -120,7 +120,8 @@ def parse_scales(ctx, param, value: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in value.split(",") if x.strip())
     except ValueError as e:
-        raise UsageFailure(f"--scales: expected comma-separated numbers such as 0,0.5,1, got {value!r}.") from e
+        flag = param.opts[0] if param is not None else "--scales"
+        raise UsageFailure(f"{flag}: expected comma-separated numbers such as 0,0.5,1, got {value!r}.") from e
 
 
 def parse_batch_size(ctx, param, value: str) -> int | str:

@@ -26,7 +26,8 @@ def summary(report, out) -> str:
     weights = [n for n in report.files if n.endswith(".safetensors") or n in ("adapter_config.json", "config.json")]
     lines = [f"Release {report.verdict}: {report.reason}",
              f"Found {f.intruders} intruder dimensions (k={f.top_k}, ε={f.epsilon:g}) in {f.matrices_with_intruders} "
-             f"of {f.matrices} matrices; edited {report.edited_directions} at λ={report.scale:g}.", "",
+             f"of {f.matrices} matrices; edited {report.edited_directions} "
+             + ("with fitted λ_i." if report.scale is None else f"at λ={report.scale:g}."), "",
              *evidence_table(report), "",
              f"Wrote {out}/: {report.format} ({', '.join(weights)}), README.md (model card), report.html, "
              "release.json, logs/"]

@@ -150,14 +150,22 @@ class MatrixEdit(BaseModel):
     name: str
     module_type: str
     intruders: list[int]
-    scale: float
+    scale: float | None = Field(description="λ of every edited direction; null when each has its own (`scales`)")
     sigma_old: list[float]
     sigma_new: list[float]
+    scales: list[float] | None = Field(None, description="per-direction λ_i fitted by `repair fit`")
+    directions: Literal["intruders", "delta"] = Field(
+        "intruders", description="`intruders`: indices among W_tuned's singular vectors; `delta`: among ΔW's")
     adapter_rank: int | None = Field(None, description="rank of the rewritten LoRA module (adapter format)")
     reconstruction_error: float | None = Field(
         None, description="relative error of the written adapter against W' (adapter format)")
     peft_truncation_error: float | None = Field(
         None, description="relative error if truncated back to rank r, as peft's reduce_intruder_dimension does")
+
+    @property
+    def changed(self) -> bool:
+        """Whether the edit changes W_tuned (some λ differs from 1)."""
+        return any(s != 1.0 for s in self.scales) if self.scales is not None else self.scale != 1.0
 
 
 class PatchReport(BaseModel):

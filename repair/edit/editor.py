@@ -17,25 +17,37 @@ from repair.spectral.linalg import lowrank_fro_norm, lowrank_singular_values
 
 @dataclass(frozen=True)
 class MatrixPatch:
-    """A rank-|I| correction ``U diag(coeff) Vh`` to add to W_tuned."""
+    """A rank-|I| correction ``U diag(coeff) Vh`` to add to W_tuned: one λ for every direction (``scale``), or
+    one per direction (``scales``, fitted by ``repair fit``; ``scale`` is then unused)."""
 
-    intruders: list[int]
+    intruders: list[int]  # the directions' indices (among W_tuned's singular vectors, or ΔW's for a fit)
     scale: float
     sigma_old: torch.Tensor  # (|I|,)
     U: torch.Tensor  # (out, |I|)
     Vh: torch.Tensor  # (|I|, in)
+    scales: tuple[float, ...] | None = None  # (|I|,) per-direction λ_i
+    directions: str = "intruders"  # or "delta": singular directions of ΔW, not of W_tuned
+
+    @property
+    def factors(self) -> torch.Tensor:
+        """(|I|,) λ of each direction."""
+        if self.scales is None:
+            return torch.full_like(self.sigma_old, self.scale)
+        return torch.tensor(self.scales, dtype=self.sigma_old.dtype)
 
     @property
     def coeff(self) -> torch.Tensor:
-        return (self.scale - 1.0) * self.sigma_old  # (|I|,)
+        return (self.factors - 1.0) * self.sigma_old  # (|I|,)
 
     @property
     def sigma_new(self) -> torch.Tensor:
         """The rescaled singular values: |λ| σ (a negative λ flips the direction's sign, not its σ)."""
-        return abs(self.scale) * self.sigma_old
+        return self.factors.abs() * self.sigma_old
 
     @property
     def is_noop(self) -> bool:
+        if self.scales is not None:
+            return not self.intruders or all(s == 1.0 for s in self.scales)
         return not self.intruders or self.scale == 1.0
 
     def correction(self) -> torch.Tensor:

@@ -23,8 +23,11 @@ def stored_layout(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torc
 
 def edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:
     """The report's record of one matrix's edit: intruders, λ, σ before and after (6 decimals)."""
+    fitted = patch.scales is not None
     return MatrixEdit(
-        name=pair.name, module_type=module_type(pair.name), intruders=patch.intruders, scale=patch.scale,
+        name=pair.name, module_type=module_type(pair.name), intruders=patch.intruders,
+        scale=None if fitted else patch.scale, scales=list(patch.scales) if fitted else None,
+        directions=patch.directions,
         sigma_old=[round(float(s), 6) for s in patch.sigma_old],
         sigma_new=[round(float(s), 6) for s in patch.sigma_new], **extra,
     )

@@ -75,6 +75,10 @@ class InPlacePatcher:
         """The edited intruders' triplets of each matrix (λ unset), for writing the picked checkpoint exactly."""
         return {e.name: e.patch for e in self.entries}
 
+    def param(self, name: str) -> torch.Tensor:
+        """The model's tensor (or slice) that holds checkpoint tensor ``name``."""
+        return self._param(name)
+
     def _param(self, name: str) -> torch.Tensor:
         """The model's tensor for a checkpoint name, or a view of the slice it occupies, so edits land in the
         fused parameter: one expert of a tensor fused on disk (``name[e]``), or a per-expert tensor on disk

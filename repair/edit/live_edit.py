@@ -181,13 +181,13 @@ def patch_live(model, scale: float, opts: DetectOptions, merge: bool = False, ad
         merged = _merge(src, edits)
         return merged, _report(records, examined, None, opts, scale)
     records = _add_adapter(src, edits, new)
-    logger.info("added adapter %r (%d matrices patched)", new, sum(r.scale != 1.0 for r in records))
+    logger.info("added adapter %r (%d matrices patched)", new, sum(r.changed for r in records))
     return model, _report(records, examined, new, opts, scale)
 
 
 def _report(records: list[MatrixEdit], examined: int, adapter: str | None, opts: DetectOptions,
             scale: float) -> LivePatchReport:
-    patched = [r for r in records if r.scale != 1.0]
+    patched = [r for r in records if r.changed]
     return LivePatchReport(tool_version=__version__, adapter=adapter, scale=scale, top_k=opts.top_k,
                            epsilon=opts.epsilon, examined_matrices=examined, patched_matrices=len(patched),
                            total_intruders=sum(len(r.intruders) for r in records), matrices=records)

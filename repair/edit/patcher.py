@@ -68,7 +68,8 @@ class PatchOptions:
         if plan is not None and self.per_matrix is not None:
             raise RepairError("per_matrix: a --plan lists its intruders itself; make it with "
                               "`repair detect --plan-out PLAN --per-matrix N` instead.")
-        if self.scale is None and plan is None:
+        fitted = self.patches is not None and all(p.scales is not None for p in self.patches.values())
+        if self.scale is None and plan is None and not fitted:
             raise RepairError("scale: required unless --plan gives a scale for every matrix.")
         if self.scale is not None:
             check_scale(self.scale, self.allow_amplify)
@@ -102,8 +103,7 @@ def _edits(src: PairSource, names: list[str], opts: PatchOptions,
            plan: Plan | None) -> list[tuple[MatrixPair, MatrixPatch | None]]:
     """The patch of each matrix in a batch: from the plan, or from a fresh detection. None when untouched."""
     if opts.patches is not None:
-        return [(src.pair(n), dataclasses.replace(opts.patches[n], scale=opts.scale) if n in opts.patches else None)
-                for n in names]
+        return [(src.pair(n), _at_scale(opts.patches[n], opts.scale) if n in opts.patches else None) for n in names]
     if plan is None:
         found = analyse_pairs(src, names, opts.detect, precise=True)
         return [(pair, make_patch(f.tuned, sorted(f.intruders)[:opts.per_matrix], opts.scale) if f.intruders else None)
@@ -122,6 +122,11 @@ def _edits(src: PairSource, names: list[str], opts: PatchOptions,
         scale = opts.scale if entry.scale is None else entry.scale
         out[i] = (pairs[i], make_patch(tuned, sorted(entry.intruders), scale))
     return out
+
+
+def _at_scale(patch: MatrixPatch, scale: float | None) -> MatrixPatch:
+    """A given patch at ``--scale``; a fitted one (its own λ_i) as it is."""
+    return patch if patch.scales is not None else dataclasses.replace(patch, scale=scale)
 
 
 def _merged_tensors(src: PairSource, opts: PatchOptions, plan: Plan | None,
@@ -334,7 +339,7 @@ def patch(base: str, tuned: str, opts: PatchOptions) -> PatchReport:
         meta = {"intruder_repair": json.dumps(provenance.model_dump(), sort_keys=True)}
         with atomic_output_dir(opts.out, opts.overwrite) as tmp:
             files = _write(src, opts, plan, tmp, meta, edits)
-            patched = [e for e in edits if e.scale != 1.0]
+            patched = [e for e in edits if e.changed]
             report = PatchReport(
                 provenance=provenance, format=opts.format, examined_matrices=len(src),
                 patched_matrices=len(patched), total_intruders=sum(len(e.intruders) for e in edits),

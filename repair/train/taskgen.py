@@ -83,12 +83,14 @@ def shipped_task_names() -> list[str]:
 
 
 def materialize_task(name: str) -> Path:
-    """Write a shipped task's YAML with the absolute path of its data (lm-eval resolves paths from the cwd)."""
+    """Write a shipped task's YAML with the absolute paths of its data, test and train
+    splits (lm-eval resolves paths from the cwd)."""
     pkg = resources.files("evals.tasks")
     template = (pkg / f"{name}.yaml").read_text()
     data = Path(str(pkg / f"{name}_test.jsonl"))
+    train = Path(str(pkg / f"{name}_train.jsonl"))
     out = cache_path(TASKS, name, f"{name}.yaml")
-    text = template.replace("__DATA__", str(data.resolve()))
+    text = template.replace("__DATA__", str(data.resolve())).replace("__TRAIN__", str(train.resolve()))
     if not out.is_file() or out.read_text() != text:
         write_text_atomic(out, text)
     return out
