@@ -41,7 +41,8 @@ def fit(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max_acc
         limit: int | None = None, calibration: str | Path | None = None, calibration_corpus: str = "base-samples",
         penalties: tuple[float, ...] = (30.0, 10.0, 3.0, 1.0), steps: int = 4,
         uniform_scales: tuple[float, ...] = (0.0, 0.5), whole_scales: tuple[float, ...] = (0.25, 0.5, 0.75),
-        seed: int = 0, batch_size: int | str = 8, dtype: str = "auto", overwrite: bool = False,
+        seed: int = 0, batch_size: int | str = 8, dtype: str = "auto", device_map: str | None = None,
+        overwrite: bool = False,
         allow_amplify: bool = False, num_fewshot: int | None = None, apply_chat_template: bool = False,
         fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, eval_seed: int | None = None,
         log_samples: bool = False, **options) -> FitReport:
@@ -55,7 +56,8 @@ def fit(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max_acc
                       calibration=None if calibration is None else Path(calibration),
                       calibration_corpus=calibration_corpus, penalties=tuple(penalties), steps=steps,
                       uniform_scales=tuple(uniform_scales), whole_scales=tuple(whole_scales), seed=seed,
-                      detect=detect_options(options), batch_size=batch_size, dtype=dtype, overwrite=overwrite,
+                      detect=detect_options(options), batch_size=batch_size, dtype=dtype, device_map=device_map,
+                      overwrite=overwrite,
                       allow_amplify=allow_amplify, eval=settings)
     return run_fit(str(base), str(tuned), opts)
 
@@ -104,10 +106,11 @@ def release(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max
             device_map: str | None = None, num_fewshot: int | None = None, apply_chat_template: bool = False,
             fewshot_as_multiturn: bool | None = None, gen_kwargs: str | None = None, seed: int | None = None,
             log_samples: bool = False, method: str = "uniform", directions: str = "delta",
-            **options) -> ReleaseReport:
+            calibration: str | Path | None = None, **options) -> ReleaseReport:
     """``repair release``: detect, sweep λ, pick the least forgetting within ``max_acc_drop`` and write ``out``
     (adapter or merged checkpoint, model card, report.html, release.json, logs/). ``report.ready`` is False
-    when the ``fail_above`` gate failed (options: ``DetectOptions``)."""
+    when the ``fail_above`` gate failed. ``method="fit"`` releases ``repair fit``'s pick instead of a swept λ
+    (``directions``, ``calibration`` as there; options: ``DetectOptions``)."""
     from evals.release.runner import ReleaseOptions, run_release
 
     settings = EvalSettings(num_fewshot, apply_chat_template, fewshot_as_multiturn, gen_kwargs, seed, log_samples)
@@ -115,5 +118,6 @@ def release(base: str, tuned: str, out: str | Path, *, tasks: Sequence[str], max
                           forgetting=forgetting, limit=limit, control=control, format=format,
                           fail_above=fail_above, overwrite=overwrite, per_matrix=per_matrix, batch_size=batch_size,
                           allow_amplify=allow_amplify, dtype=dtype, device_map=device_map,
-                          detect=detect_options(options), eval=settings, method=method, directions=directions)
+                          detect=detect_options(options), eval=settings, method=method, directions=directions,
+                          calibration=None if calibration is None else Path(calibration))
     return run_release(str(base), str(tuned), opts)

@@ -229,7 +229,8 @@ def test_fit_refuses_calibration_that_is_the_evaluation(llama_base, llama_adapte
 
 @pytest.mark.parametrize("flags, flag", [(["--max-acc-drop", "2"], "max_acc_drop"),
                                          (["--penalties", "a"], "--penalties"), (["--steps", "0"], "steps"),
-                                         (["--calibration-corpus", "base-samples:0"], "--calibration-corpus")])
+                                         (["--calibration-corpus", "base-samples:0"], "--calibration-corpus"),
+                                         (["--penalties", "3,3"], "--penalties")])
 def test_fit_bad_options_exit_2_before_loading(llama_base, llama_adapter, mc_task, corpus_file, tmp_path, flags,
                                                flag, monkeypatch):
     from click.testing import CliRunner
@@ -279,3 +280,51 @@ def test_release_with_fit_publishes_the_fitted_checkpoint(llama_base, llama_adap
     for name, W in expected.items():
         assert np.abs(released[name].double().numpy() - W).max() <= 1e-5 * max(1.0, np.abs(W).max()), name
     assert any(x < 0.99 for x in picked["scales"])  # the released weights are not TUNED's own
+
+
+def test_release_with_fit_and_no_point_within_the_budget_is_tuned_unchanged(llama_base, llama_adapter, mc_task,
+                                                                             corpus_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import evals.runners.fitter
+    from evals.measure.fit_report import FitPick
+    from repair.cli import main
+
+    monkeypatch.setattr(evals.runners.fitter, "choose", lambda report: FitPick(
+        max_acc_drop=report.pick.max_acc_drop, label=None, reason="no fitted point within the budget (forced)"))
+    calib = _calibration_file(tmp_path / "calib.jsonl")
+    out = tmp_path / "release"
+    res = CliRunner().invoke(main, [
+        "release", str(llama_base), str(llama_adapter), "--task", str(mc_task), "--forgetting", str(corpus_file),
+        "--max-acc-drop", "0", "--fit", "--calibration", str(calib), "--no-cache", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    release = json.loads((out / "release.json").read_text())
+    assert release["verdict"] == "unchanged" and release["scale"] == 1.0 and release["edited_directions"] == 0
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # TUNED's own files, byte for byte
+        assert (out / name).read_bytes() == (llama_adapter / name).read_bytes()
+
+
+def test_release_refuses_fit_options_without_fit(llama_base, llama_adapter, mc_task, tmp_path):
+    from click.testing import CliRunner
+
+    from repair.cli import main
+
+    res = CliRunner().invoke(main, ["release", str(llama_base), str(llama_adapter), "--task", str(mc_task),
+                                    "--max-acc-drop", "0.1", "--directions", "intruders", "--out",
+                                    str(tmp_path / "r")])
+    assert res.exit_code == 2 and "--directions/--calibration" in res.output and "--fit" in res.output
+
+
+@pytest.mark.parametrize("n, size", [(7, 3), (8, 8), (5, 16), (64, 8)])
+def test_minibatches_cover_every_item_each_pass_and_never_repeat_within_a_batch(n, size):
+    import random
+
+    from evals.runners.fitter import _Cursor
+
+    cursor = _Cursor(n, random.Random(0))
+    taken = [cursor.take(size) for _ in range(3 * n)]
+    assert all(len(b) == min(size, n) and len(set(b)) == len(b) for b in taken)
+    flat = [i for b in taken for i in b]
+    assert set(flat) == set(range(n))
+    if n % size == 0:  # passes line up with batches: each pass is a permutation
+        assert all(sorted(flat[k:k + n]) == list(range(n)) for k in range(0, len(flat), n))

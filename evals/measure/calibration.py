@@ -124,8 +124,8 @@ def disjoint(calibration: Calibration, eval_documents: list[str], eval_contexts:
         logger.warning("calibration: dropped %d documents and %d examples that the evaluation scores",
                        dropped_d, dropped_e)
     if not documents:
-        raise RepairError("calibration: every calibration document is also an evaluation document; name another "
-                          "--calibration-corpus.")
+        raise RepairError("calibration_corpus: every calibration document is also an evaluation document; name "
+                          "another corpus.")
     if calibration.examples and not examples:
         raise RepairError("calibration: every calibration example is also a test example of the evaluated "
                           "tasks; give --calibration examples from another split.")

@@ -28,7 +28,7 @@ def document_sequences(model, tok, docs: list[str]) -> list[Sequence]:
 def example_sequences(lm, examples: list[Example], chat: bool = False) -> list[Sequence]:
     """context + target, the target's tokens scored, tokenised by lm-eval's own ``HFLM`` (``lm``) as its
     ``loglikelihood`` does: ``_encode_pair`` (trailing spaces of the context move to the target), the prefix
-    token for an empty context, the pair left-truncated to ``max_length + 1``. With ``chat``, the context is one
+    token for an empty context, the pair left-truncated to the model's ``max_length``. With ``chat``, the context is one
     user turn through ``HFLM.apply_chat_template``."""
     out = []
     for e in examples:
@@ -37,7 +37,7 @@ def example_sequences(lm, examples: list[Example], chat: bool = False) -> list[S
             ctx, cont = lm._encode_pair(context, e.target)
         else:
             ctx, cont = [lm.prefix_token_id], lm.tok_encode(e.target, add_special_tokens=False)
-        ids = (ctx + cont)[-(lm.max_length + 1):]
+        ids = (ctx + cont)[-lm.max_length:]
         if cont and len(ids) >= 2:
             out.append(Sequence(ids, min(len(cont), len(ids) - 1)))
     return out

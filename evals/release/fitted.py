@@ -41,8 +41,7 @@ def fit_report(base: str, tuned: str, opts, fmt: str, base_model: str | None, de
     left = detect(base, str(folder), opts.detect).total_intruders if picked is not None else \
         detection.total_intruders
     released = (picked.point if picked is not None else fit.tuned).model_copy(update={"intruders": left})
-    scales = picked.scales if picked is not None else []
-    changed = [d for d, s in zip(fit.directions, scales, strict=True) if s != 1.0]
+    changed = [] if picked is None else [d for d, s in zip(fit.directions, picked.scales, strict=True) if s != 1.0]
     gate = opts.fail_above is not None and left > opts.fail_above
     if gate:
         verdict, reason = "gate-failed", (f"{left} intruders are left in the released weights, more than "

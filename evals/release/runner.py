@@ -64,7 +64,8 @@ class ReleaseOptions:
         return FitOptions(out=work / "logs", tasks=self.tasks, max_acc_drop=self.max_acc_drop,
                           directions=self.directions, format=fmt, forgetting=self.forgetting, limit=self.limit,
                           calibration=self.calibration,
-                          detect=self.detect, batch_size=self.batch_size, dtype=self.dtype, overwrite=True,
+                          detect=self.detect, batch_size=self.batch_size, dtype=self.dtype,
+                          device_map=self.device_map, overwrite=True,
                           allow_amplify=self.allow_amplify, eval=self.eval)
 
     def sweep(self, work: Path, fmt: str) -> SweepOptions:
@@ -86,9 +87,12 @@ class ReleaseOptions:
             raise RepairError(f"format: expected adapter or merged, got {self.format!r}.")
         if self.method not in ("uniform", "fit"):
             raise RepairError(f"method: expected uniform or fit, got {self.method!r}.")
-        if self.method == "fit" and (self.control != "none" or self.per_matrix is not None):
-            raise RepairError("method: fit fits every direction's λ itself; --control and --per-matrix belong to "
-                              "the swept release (without --fit).")
+        if self.method == "fit" and (self.control != "none" or self.per_matrix is not None
+                                     or self.scales != SCALES):
+            raise RepairError("fit: fits every direction's λ itself; --scales, --control and --per-matrix belong "
+                              "to the swept release (without --fit).")
+        if self.method == "uniform" and (self.calibration is not None or self.directions != "delta"):
+            raise RepairError("directions/calibration: belong to a fitted release; add --fit.")
 
 
 def work_dir(out: Path) -> Path:
@@ -150,13 +154,17 @@ def run_release(base: str, tuned: str, opts: ReleaseOptions) -> ReleaseReport:
     except RunFailed:
         raise
     except OutputError as e:
-        raise OutputError(f"{e} The measured points are kept in {work / 'logs' / 'points'}; the same command "
-                          "resumes.") from e
+        raise OutputError(f"{e} {_resume_hint(opts, work)}") from e
     except RepairError as e:  # the input passed every check: whatever fails now is not the user's command
-        raise RunFailed(f"{e} The measured points are kept in {work / 'logs' / 'points'}; the same command "
-                        "resumes.") from e
+        raise RunFailed(f"{e} {_resume_hint(opts, work)}") from e
     shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _resume_hint(opts: ReleaseOptions, work: Path) -> str:
+    if opts.method == "fit":  # a fit keeps no finished points: it starts again
+        return f"The fit's report, if it got that far, is in {work / 'logs'}; the same command runs it again."
+    return f"The measured points are kept in {work / 'logs' / 'points'}; the same command resumes."
 
 
 def base_model_id(base: str, tuned_folder: Path) -> str | None:

@@ -89,13 +89,14 @@ class FitOptions:
     detect: DetectOptions = field(default_factory=DetectOptions)
     batch_size: int | str = 8
     dtype: str = "auto"
+    device_map: str | None = None
     overwrite: bool = False
     allow_amplify: bool = False
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     def validate(self) -> None:
         self.detect.validate()
-        Placement(self.detect.device, self.dtype, None).validate()
+        Placement(self.detect.device, self.dtype, self.device_map).validate()
         if not self.tasks:
             raise RepairError("tasks: repair fit needs at least one --task (its accuracy is the budget).")
         if not (math.isfinite(self.max_acc_drop) and 0 <= self.max_acc_drop <= 1):
@@ -111,6 +112,8 @@ class FitOptions:
             raise RepairError(f"limit: expected a positive integer, got {self.limit}.")
         if not self.penalties or any(not (math.isfinite(w) and w >= 0) for w in self.penalties):
             raise RepairError(f"penalties: expected non-negative weights, got {list(self.penalties)}.")
+        if len({f"{w:g}" for w in self.penalties}) != len(self.penalties):
+            raise RepairError(f"penalties: expected distinct weights, got {list(self.penalties)}.")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise RepairError(f"lr: expected a positive learning rate, got {self.lr}.")
         for s in (*self.uniform_scales, *self.whole_scales):
@@ -121,8 +124,8 @@ class FitOptions:
     def sweep_options(self) -> SweepOptions:
         """The evaluation a point gets: a sweep's, on the same tasks, limit, corpus and lm-eval flags."""
         return SweepOptions(out=self.out, tasks=self.tasks, forgetting=self.forgetting, limit=self.limit,
-                            detect=self.detect, batch_size=self.batch_size, dtype=self.dtype, eval=self.eval,
-                            control="none")
+                            detect=self.detect, batch_size=self.batch_size, dtype=self.dtype,
+                            device_map=self.device_map, eval=self.eval, control="none")
 
 
 def check_fit(base: str, tuned: str, opts: FitOptions) -> PairSource:
@@ -180,8 +183,9 @@ class _Cursor:
     def take(self, size: int) -> list[int]:
         out: list[int] = []
         while len(out) < min(size, self.n):
-            if self.pos == self.n:
+            if self.pos == self.n:  # a new pass; what this batch already holds goes last, so nothing repeats
                 self.rng.shuffle(self.order)
+                self.order = [i for i in self.order if i not in out] + [i for i in self.order if i in out]
                 self.pos = 0
             k = min(size - len(out), self.n - self.pos)
             out += self.order[self.pos:self.pos + k]
@@ -252,8 +256,9 @@ def _start(base: str, tuned: str, src: PairSource, opts: FitOptions) -> _Run:
     groups = intruder_groups(patcher) if opts.directions == "intruders" else delta_groups(
         src, patcher, opts.detect.top_k)
     if not groups:
-        raise RepairError(f"tuned {tuned}: has no {opts.directions} directions to fit (no intruder at k="
-                          f"{opts.detect.top_k}, ε={opts.detect.epsilon}); try --directions delta.")
+        hint = "; try --directions delta" if opts.directions == "intruders" else ""
+        raise RepairError(f"tuned {tuned}: has no {opts.directions} directions to fit (at k={opts.detect.top_k}, "
+                          f"ε={opts.detect.epsilon}){hint}.")
     scales = DirectionScales(model, src, groups, patcher.param)
     tuned_point = _measured(points, ev.measure("tuned", 1.0, patcher.total_intruders))
     return _Run(ev, points, calib, patcher, scales, base_point, tuned_point)
@@ -307,14 +312,14 @@ def run_fit(base: str, tuned: str, opts: FitOptions) -> FitReport:
     annotate(report)
     report.pick = choose(report)
     report.seconds = round(time.perf_counter() - t_start, 1)
+    if (opts.out / FITTED_DIR).exists():  # --overwrite: no stale checkpoint beside this fit's report
+        shutil.rmtree(opts.out / FITTED_DIR)
     _write_report(report, opts.out)  # first: a failed checkpoint write keeps every measured point
     if report.pick.label is not None:
         lam = next(torch.tensor(f.scales, dtype=torch.float64) for f in fitted if f.point.label == report.pick.label)
         stage(f"Writing the {opts.format} checkpoint of {report.pick.label}")
         report.pick.checkpoint = str(_write_fitted(base, tuned, opts, run.scales, lam))
         _write_report(report, opts.out)
-    elif (opts.out / FITTED_DIR).exists():  # --overwrite: no stale checkpoint beside a fit that picked none
-        shutil.rmtree(opts.out / FITTED_DIR)
     return report
 
 

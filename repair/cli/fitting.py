@@ -27,7 +27,7 @@ from repair.cli.options import (
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--directions", default="delta", show_default=True, type=click.Choice(["intruders", "delta"]),
               help="Fit one λ per singular direction of ΔW in every adapted matrix, or per intruder of W_tuned "
-                   "(as the paper edits; it can remove no more than λ=0 on all of them).")
+                   "(the directions the paper edits, and no others).")
 @click.option("--format", "fmt", default="merged", show_default=True, type=click.Choice(["merged", "adapter"]),
               help="The picked checkpoint (DIR/fitted): merged, or a PEFT LoRA adapter of rank r + n (exact).")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -36,7 +36,8 @@ from repair.cli.options import (
               help="Forgetting documents to fit on: base-samples[:N] (drawn with a seed of their own), a "
                    ".txt/.jsonl file or a rolling lm-eval task; never the evaluation's documents.")
 @click.option("--penalties", default="30,10,3,1", show_default=True, callback=parse_scales,
-              help="Task-loss weights of the path, largest first; each gives one fitted point.")
+              help="Task-loss weights of the path, in this order, warm-started (largest first keeps the path near "
+                   "the tuned model at its start); each gives one fitted point.")
 @click.option("--steps", default=4, show_default=True, type=int, help="Adam steps per penalty.")
 @click.option("--uniform-scales", default="0,0.5", show_default=True, callback=parse_scales,
               help="λ values of the uniform front (one λ over the intruders), measured beside the fit.")
@@ -47,13 +48,14 @@ from repair.cli.options import (
 @batch_size_option()
 @click.option("--dtype", default="auto", show_default=True,
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="dtype of the model.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]), help="Spread the model with accelerate.")
 @click.option("--allow-amplify", is_flag=True, help="Let fitted λ_i exceed 1.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty DIR/fitted.")
 @eval_options
 @detect_options
 @handle_errors
 def fit(base, tuned, tasks, forgetting, limit, max_acc_drop, out, directions, fmt, calibration, calibration_corpus,
-        penalties, steps, uniform_scales, whole_scales, calibration_seed, batch_size, dtype, allow_amplify, overwrite,
+        penalties, steps, uniform_scales, whole_scales, calibration_seed, batch_size, dtype, device_map, allow_amplify, overwrite,
         eval_settings, detect_opts):
     """Fit one λ per direction on calibration data (forgetting against the task loss), measure the fitted front,
     the uniform-λ front and the whole-update front on held-out data, and write DIR/fitted at the point with the
@@ -68,7 +70,7 @@ def fit(base, tuned, tasks, forgetting, limit, max_acc_drop, out, directions, fm
                       forgetting=forgetting, limit=limit, calibration=calibration,
                       calibration_corpus=calibration_corpus, penalties=penalties, steps=steps,
                       uniform_scales=uniform_scales, whole_scales=whole_scales, seed=calibration_seed, detect=detect_opts,
-                      batch_size=batch_size, dtype=dtype, overwrite=overwrite, allow_amplify=allow_amplify,
+                      batch_size=batch_size, dtype=dtype, device_map=device_map, overwrite=overwrite, allow_amplify=allow_amplify,
                       eval=eval_settings)
     _, early = quietly(verbosity(), check_fit, base, tuned, opts)  # exit 2 before anything is written
     start_log(out / "run.log", early)

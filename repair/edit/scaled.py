@@ -137,9 +137,10 @@ class DirectionScales:
 
     def _hook(self, g: DirectionGroup) -> Callable:
         def hook(module, inputs, output):
-            x = inputs[0]
-            coeff = (self.group_lambdas(g) - 1.0) * g.sigma  # (n,)
-            corr = ((x.to(g.Vh.dtype) @ g.Vh.T) * coeff) @ g.U.T  # (..., out)
+            x = inputs[0]  # where the module runs (a model spread by device_map: not always the first device)
+            dev = x.device
+            coeff = ((self.group_lambdas(g) - 1.0) * g.sigma).to(dev)  # (n,)
+            corr = ((x.to(g.Vh.dtype) @ g.Vh.to(dev).T) * coeff) @ g.U.to(dev).T  # (..., out)
             return output + corr.to(output.dtype)
         return hook
 
