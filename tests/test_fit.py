@@ -182,6 +182,35 @@ def _fit_args(llama_base, llama_adapter, mc_task, corpus_file, calib, out, *extr
             "--out", str(out), *extra]
 
 
+def _recorded_formula(base, adapter, directions: list[dict], scales) -> dict[str, np.ndarray]:
+    """W' from fit.json's own record (matrix, rank, σ, λ_i), in float64 from numpy's SVD of peft's ΔW."""
+    tuned = merged_state(tiny_llama, adapter)
+    w0 = load_file(base / "model.safetensors")
+    expected: dict[str, np.ndarray] = {}
+    for d, x in zip(directions, scales, strict=True):
+        name = d["matrix"]
+        U, S, Vh = np.linalg.svd(tuned[name].double().numpy() - w0[name].double().numpy())
+        assert abs(S[d["rank"]] - d["sigma"]) <= 5e-7 + 1e-5 * S[0]  # fit.json keeps σ to 6 decimals
+        W = expected.get(name, tuned[name].double().numpy())
+        expected[name] = W + (x - 1.0) * S[d["rank"]] * np.outer(U[:, d["rank"]], Vh[d["rank"]])
+    return expected
+
+
+def _release_fit(base, adapter, task, corpus, tmp_path, max_acc_drop: str):
+    """``repair release --fit`` on the tiny model (calibration from a jsonl: the tiny task has no train split)."""
+    from click.testing import CliRunner
+
+    from repair.cli import main
+
+    calib = _calibration_file(tmp_path / "calib.jsonl")
+    out = tmp_path / "release"
+    res = CliRunner().invoke(main, [
+        "release", str(base), str(adapter), "--task", str(task), "--forgetting", str(corpus), "--max-acc-drop",
+        max_acc_drop, "--fit", "--calibration", str(calib), "--no-cache", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
 def test_fit_writes_three_fronts_and_the_picked_checkpoint_exactly(llama_base, llama_adapter, mc_task, corpus_file,
                                                                    tmp_path):
     from click.testing import CliRunner
@@ -200,17 +229,8 @@ def test_fit_writes_three_fronts_and_the_picked_checkpoint_exactly(llama_base, l
     lam = np.array(picked["scales"])
     assert ((lam >= 0) & (lam <= 1)).all() and len(lam) == len(report["directions"])
     # the oracle: W' from fit.json's own record (matrix, rank, λ_i) and numpy's SVD of peft's ΔW
-    tuned = merged_state(tiny_llama, llama_adapter)
-    w0 = load_file(llama_base / "model.safetensors")
     written = load_file(out / "fitted" / "model.safetensors")
-    expected = {}
-    for d, x in zip(report["directions"], lam, strict=True):
-        name = d["matrix"]
-        U, S, Vh = np.linalg.svd(tuned[name].double().numpy() - w0[name].double().numpy())
-        assert abs(S[d["rank"]] - d["sigma"]) <= 5e-7 + 1e-5 * S[0]  # fit.json keeps 6 decimals
-        W = expected.get(name, tuned[name].double().numpy())
-        expected[name] = W + (x - 1.0) * S[d["rank"]] * np.outer(U[:, d["rank"]], Vh[d["rank"]])
-    for name, W in expected.items():
+    for name, W in _recorded_formula(llama_base, llama_adapter, report["directions"], lam).items():
         assert np.abs(written[name].double().numpy() - W).max() <= 1e-5 * max(1.0, np.abs(W).max()), name
 
 
@@ -251,53 +271,28 @@ def test_fit_bad_options_exit_2_before_loading(llama_base, llama_adapter, mc_tas
 
 
 def test_release_with_fit_publishes_the_fitted_checkpoint(llama_base, llama_adapter, mc_task, corpus_file, tmp_path):
-    from click.testing import CliRunner
+    from peft import PeftModel
 
-    from repair.cli import main
-
-    calib = _calibration_file(tmp_path / "calib.jsonl")
-    out = tmp_path / "release"
-    res = CliRunner().invoke(main, [
-        "release", str(llama_base), str(llama_adapter), "--task", str(mc_task), "--forgetting", str(corpus_file),
-        "--max-acc-drop", "1", "--fit", "--calibration", str(calib), "--no-cache", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out = _release_fit(llama_base, llama_adapter, mc_task, corpus_file, tmp_path, "1")
     release = json.loads((out / "release.json").read_text())
     fit = json.loads((out / "logs" / "fit.json").read_text())
     assert release["method"] == "fit" and release["scale"] is None and release["verdict"] == "patched"
     assert not (out / "logs" / "fitted").exists()  # the weights are the release's own, not kept twice
     picked = next(f for f in fit["fronts"] if f["point"]["label"] == fit["pick"]["label"])
-    from peft import PeftModel
-
     released = PeftModel.from_pretrained(tiny_llama(), str(out)).merge_and_unload().state_dict()
-    tuned = merged_state(tiny_llama, llama_adapter)
-    w0 = load_file(llama_base / "model.safetensors")
-    expected: dict[str, np.ndarray] = {}
-    for d, x in zip(fit["directions"], picked["scales"], strict=True):  # the formula, from fit.json's record
-        name = d["matrix"]
-        U, S, Vh = np.linalg.svd(tuned[name].double().numpy() - w0[name].double().numpy())
-        W = expected.get(name, tuned[name].double().numpy())
-        expected[name] = W + (x - 1.0) * S[d["rank"]] * np.outer(U[:, d["rank"]], Vh[d["rank"]])
-    for name, W in expected.items():
+    for name, W in _recorded_formula(llama_base, llama_adapter, fit["directions"], picked["scales"]).items():
         assert np.abs(released[name].double().numpy() - W).max() <= 1e-5 * max(1.0, np.abs(W).max()), name
     assert any(x < 0.99 for x in picked["scales"])  # the released weights are not TUNED's own
 
 
 def test_release_with_fit_and_no_point_within_the_budget_is_tuned_unchanged(llama_base, llama_adapter, mc_task,
                                                                              corpus_file, tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
     import evals.runners.fitter
     from evals.measure.fit_report import FitPick
-    from repair.cli import main
 
     monkeypatch.setattr(evals.runners.fitter, "choose", lambda report: FitPick(
         max_acc_drop=report.pick.max_acc_drop, label=None, reason="no fitted point within the budget (forced)"))
-    calib = _calibration_file(tmp_path / "calib.jsonl")
-    out = tmp_path / "release"
-    res = CliRunner().invoke(main, [
-        "release", str(llama_base), str(llama_adapter), "--task", str(mc_task), "--forgetting", str(corpus_file),
-        "--max-acc-drop", "0", "--fit", "--calibration", str(calib), "--no-cache", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out = _release_fit(llama_base, llama_adapter, mc_task, corpus_file, tmp_path, "0")
     release = json.loads((out / "release.json").read_text())
     assert release["verdict"] == "unchanged" and release["scale"] == 1.0 and release["edited_directions"] == 0
     for name in ("adapter_model.safetensors", "adapter_config.json"):  # TUNED's own files, byte for byte
