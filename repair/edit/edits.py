@@ -18,7 +18,12 @@ from repair.io.archs import module_type
 
 def stored_layout(pair: MatrixPair, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(out, in) float32 -> the layout the checkpoint stores (transposed for Conv1D) and ``dtype``."""
-    return (W.T if pair.transposed else W).to(dtype).contiguous()
+    return to_stored(pair.transposed, W, dtype)
+
+
+def to_stored(transposed: bool, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``stored_layout`` by the orientation alone (a model's parameter, no pair at hand)."""
+    return (W.T if transposed else W).to(dtype).contiguous()
 
 
 def edit_record(pair: MatrixPair, patch: MatrixPatch, **extra) -> MatrixEdit:

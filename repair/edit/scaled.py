@@ -18,7 +18,7 @@ import torch
 
 from repair.adapters.pairs import MatrixPair, PairSource
 from repair.edit.editor import MatrixPatch
-from repair.edit.edits import plain_merge
+from repair.edit.edits import plain_merge, to_stored
 from repair.edit.inplace import InPlacePatcher
 from repair.errors import RepairError
 
@@ -161,7 +161,7 @@ class DirectionScales:
             W = W.T if g.transposed else W  # (out, in)
             if bool(coeff.any()):
                 W = W + (g.U * coeff) @ g.Vh
-            param.copy_(stored_layout_of(g.transposed, W.to(param.device), param.dtype))
+            param.copy_(to_stored(g.transposed, W.to(param.device), param.dtype))
 
     def restore(self) -> None:
         self.apply(torch.ones(self.size, device=self.lam.device))
@@ -178,9 +178,4 @@ class DirectionScales:
                 core = (g.intruder_U.double().T @ U * c) @ (Vh @ g.intruder_Vh.double().T)  # (|I|, |I|)
                 inside += float(core.pow(2).sum())
         return total, inside
-
-
-def stored_layout_of(transposed: bool, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``stored_layout`` without a pair: (out, in) float32 -> the parameter's layout and dtype."""
-    return (W.T if transposed else W).to(dtype).contiguous()
 
